@@ -1,0 +1,245 @@
+"""Build a ``RunConfig`` from YAML and ``--set`` overrides, with errors that name the field.
+
+Errors are ``ConfigError``: one line that names the file, the line (for YAML), the dotted
+field and what was expected. Entry points print it and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from megatron_llmjp.config.schema import ModelConfig, RunConfig
+from megatron_llmjp.models.registry import MODELS
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any expensive work starts."""
+
+
+_Where = dict[str, str]  # dotted key -> "file:line" for messages
+
+
+def _yaml_locations(text: str, path: str) -> _Where:
+    """Map dotted keys of a YAML mapping to ``file:line`` so type errors can point at the line."""
+    where: _Where = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                where[key] = f"{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, key + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return where
+    if root is not None:
+        walk(root, "")
+    return where
+
+
+def load_yaml(path: str | Path) -> tuple[dict, _Where]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    return data, _yaml_locations(text, str(p))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.iters=5", "parallel.tp=2"]`` -> nested dict. Values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.iters=20")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only lossless cases (int->float,
+    '3e-4'->float, which YAML 1.1 reads as a string)."""
+    loc = f"{where[key]}: " if key in where else ""
+    fail = ConfigError(f"{loc}{key}: expected {_type_name(tp)}, got {value!r}")
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                pass
+        raise fail
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise fail
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail
+        return [_coerce(v, get_args(tp)[0], key, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail from None
+        raise fail
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail
+    raise fail
+
+
+def _build(cls: type, data: dict, prefix: str, where: _Where, base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        loc = f"{where[key]}: " if key in where else ""
+        raise ConfigError(
+            f"{loc}unknown config key {key!r}; valid keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                loc = f"{where[key]}: " if key in where else ""
+                raise ConfigError(f"{loc}{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = _build_section(tp, value, key + ".", where)
+        else:
+            kwargs[name] = _coerce(value, tp, key, where)
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
+    return cls(**kwargs)
+
+
+def _build_section(tp: type, data: dict, prefix: str, where: _Where) -> Any:
+    if tp is ModelConfig:
+        name = data.get("name", ModelConfig().name)
+        if name not in MODELS:
+            key = prefix + "name"
+            loc = f"{where[key]}: " if key in where else ""
+            raise ConfigError(
+                f"{loc}model.name: unknown model {name!r}; known: {', '.join(sorted(MODELS))}"
+            )
+        return _build(tp, data, prefix, where, base=MODELS[name])
+    return _build(tp, data, prefix, where)
+
+
+def build_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    output_dir: str | None = None,
+) -> RunConfig:
+    """Defaults < YAML file < ``--set`` overrides < ``--output-dir``; then validated."""
+    from megatron_llmjp.config.validate import validate_static
+
+    data: dict = {}
+    where: _Where = {}
+    if config_file is not None:
+        data, where = load_yaml(config_file)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        for key in _flatten(parse_overrides(overrides)):
+            where[key] = "--set"
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    data.setdefault("model", {})
+    cfg = _build(RunConfig, data, "", where)
+    validate_static(cfg)
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys += _flatten(v, prefix + k + ".")
+    return keys
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (atomically: temporary name, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    tmp.replace(p)

@@ -1,0 +1,182 @@
+"""Typed run configuration.
+
+One precedence: dataclass defaults < YAML file < ``--set section.key=value`` overrides.
+Every field is documented where it is declared; the resolved config is written to the
+run directory as ``config.yaml`` so a run can always be reproduced from its own output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of the model. ``name`` selects a registry entry; any other key set here
+    overrides that entry's value (e.g. ``--set model.num_layers=4`` for a shallow debug run)."""
+
+    name: str = "llm-jp-4-tiny-dense"
+    """Registry name (see ``llmjp-params --list``)."""
+    family: Literal["dense", "moe"] = "dense"
+    """``dense`` exports as LlamaForCausalLM, ``moe`` as Qwen3MoeForCausalLM."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int | None = 256
+    """Intermediate size of the dense SwiGLU FFN (None for MoE models without dense layers)."""
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """Number of key/value heads (GQA)."""
+    kv_channels: int = 16
+    """Head dimension; independent of hidden_size / num_attention_heads (32B-A3B: 128 != 2560/40)."""
+    vocab_size: int = 196608
+    """True tokenizer vocabulary; the embedding is padded for TP inside the model only."""
+    make_vocab_size_divisible_by: int = 128
+    """The padded vocabulary is a multiple of this times the TP size (Megatron convention)."""
+    max_position_embeddings: int = 4096
+    rotary_base: float = 500000.0
+    norm_epsilon: float = 1e-6
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (the MoE family)."""
+    tie_word_embeddings: bool = False
+    init_method_std: float = 0.02
+    num_experts: int | None = None
+    """Routed experts per MoE layer; None for dense models."""
+    moe_ffn_hidden_size: int | None = None
+    moe_router_topk: int = 1
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (HF ``norm_topk_prob``)."""
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
+    moe_router_dtype: Literal["fp32", "native"] = "fp32"
+    source: str = ""
+    """Where the registry numbers come from."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.family == "moe"
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallel layout. The data parallel size is derived: world / (tp * pp * cp) must be an
+    integer and, for MoE, a multiple of ep * etp / tp (experts are sharded over the dp x cp ranks)."""
+
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    vpp: int | None = None
+    """Virtual pipeline stages (model chunks) per pipeline rank, megatron-core's
+    ``virtual_pipeline_model_parallel_size``. LLM-jp-4 332B (80 layers, pp=4, 4 layers per
+    virtual stage) uses vpp=5. None or 1 disables the interleaved schedule."""
+    cp: int = 1
+    """Context parallel size (needs Transformer Engine attention: GPU only)."""
+    ep: int = 1
+    """Expert parallel size."""
+    etp: int | None = None
+    """Expert tensor parallel size; None means 1 (LLM-jp's choice, ETP1)."""
+    sequence_parallel: bool | None = None
+    """Sequence parallelism over the TP group; None enables it whenever tp > 1."""
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    timeout_minutes: float = 10.0
+    """Collective timeout: a dead rank turns into an error on the others instead of a hang."""
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter and activation dtype. BF16 keeps FP32 master weights in the optimizer."""
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with decoupled weight decay (LLM-jp-4 values as defaults)."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping; 0 disables."""
+    use_distributed_optimizer: bool = True
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule, a pure function of the iteration and this section.
+
+    Nothing about the schedule is stored in checkpoints, so changing these values on resume
+    always takes effect (Megatron-LM's stored-scheduler override problem does not arise)."""
+
+    style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_iters: int = 0
+    decay_iters: int | None = None
+    """End of the decay (cosine/linear): default ``train.iters``."""
+    wsd_decay_iters: int = 0
+    """WSD: length of the final decay phase, ending at ``decay_iters``."""
+    wsd_decay_style: Literal["linear", "cosine", "minus_sqrt", "exponential"] = "minus_sqrt"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    tokenizer: str = "../shared/data/tokenizer/llm-jp-tokenizer-v4.0"
+    """SentencePiece model file, or a directory holding one."""
+    text_files: list[str] = field(
+        default_factory=lambda: [
+            "../shared/data/corpus/ja-jnli-v1.1-train.txt",
+            "../shared/data/corpus/en-tinyshakespeare.txt",
+        ]
+    )
+    """Plain-text files tokenised on the fly (one document per non-empty line)."""
+    max_bytes_per_file: int = 2_000_000
+    """Read at most this many bytes of each file (keeps start-up fast on CPU)."""
+    synthetic: bool = False
+    """Random tokens instead of text (no tokenizer needed): for layout and unit tests."""
+    seed: int | None = None
+    """Seed for the sample order; None uses ``train.seed``."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str | None = None
+    """Where checkpoints go (not yet supported: must stay unset)."""
+    interval: int = 0
+    load: str | None = None
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    interval: int = 1
+    """Log every N iterations to stdout, ``metrics.jsonl`` and TensorBoard."""
+    tensorboard: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    iters: int = 10
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 128
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole training run."""
+
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

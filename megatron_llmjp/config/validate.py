@@ -1,0 +1,82 @@
+"""Checks of a ``RunConfig`` that need no process group (world size comes from the environment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_llmjp.config.loader import ConfigError
+from megatron_llmjp.config.schema import RunConfig
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate_static(cfg: RunConfig) -> None:
+    """Everything checkable from the config alone; raises ``ConfigError`` naming the field."""
+    m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
+    for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
+        _positive(getattr(t, key), f"train.{key}")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size"):
+        _positive(getattr(m, key), f"model.{key}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
+            f"model.num_query_groups={m.num_query_groups}"
+        )
+    if m.is_moe:
+        if not m.num_experts or not m.moe_ffn_hidden_size:
+            raise ConfigError("model.family=moe needs model.num_experts and moe_ffn_hidden_size")
+        if not 1 <= m.moe_router_topk <= m.num_experts:
+            raise ConfigError(
+                f"model.moe_router_topk={m.moe_router_topk} must be in [1, num_experts="
+                f"{m.num_experts}]"
+            )
+    elif not m.ffn_hidden_size:
+        raise ConfigError("model.family=dense needs model.ffn_hidden_size")
+    if t.seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}"
+        )
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    _positive(o.lr, "optim.lr")
+    _positive(o.min_lr, "optim.min_lr", allow_zero=True)
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
+    _positive(o.clip_grad, "optim.clip_grad", allow_zero=True)
+    _positive(s.warmup_iters, "schedule.warmup_iters", allow_zero=True)
+    decay_end = t.iters if s.decay_iters is None else s.decay_iters
+    if s.warmup_iters > decay_end:
+        raise ConfigError(
+            f"schedule.warmup_iters={s.warmup_iters} is longer than the schedule "
+            f"(schedule.decay_iters or train.iters = {decay_end})"
+        )
+    if s.style == "wsd" and not 0 <= s.wsd_decay_iters <= decay_end - s.warmup_iters:
+        raise ConfigError(
+            f"schedule.wsd_decay_iters={s.wsd_decay_iters} must lie in [0, decay_iters - "
+            f"warmup_iters = {decay_end - s.warmup_iters}]"
+        )
+    _positive(cfg.logging.interval, "logging.interval")
+    if cfg.checkpoint.dir is not None or cfg.checkpoint.load is not None:
+        raise ConfigError(
+            "checkpoint.dir / checkpoint.load: saving and resuming are not available in this "
+            "version; leave the checkpoint section unset"
+        )
+    if cfg.parallel.timeout_minutes <= 0:
+        raise ConfigError(f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}")
+    if not cfg.data.synthetic:
+        tok = Path(cfg.data.tokenizer)
+        if not tok.exists():
+            raise ConfigError(f"data.tokenizer: {tok} does not exist (cwd: {Path.cwd()})")
+        if not cfg.data.text_files:
+            raise ConfigError("data.text_files is empty (or set data.synthetic=true)")
+        for f in cfg.data.text_files:
+            if not Path(f).is_file():
+                raise ConfigError(f"data.text_files: {f} does not exist (cwd: {Path.cwd()})")

@@ -1,0 +1,1 @@
+"""Named models, parameter counting and building megatron-core GPT models."""

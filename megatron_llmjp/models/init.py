@@ -1,0 +1,99 @@
+"""Layout-independent weight initialisation.
+
+megatron-core draws each rank's shard from a rank-dependent RNG stream, so the same seed gives
+different models under TP1 and TP2. Here every parameter is filled from the model's
+``sharded_state_dict``: each global tensor (identified by its checkpoint key and its layer /
+expert index) is generated in fixed row blocks from a seed derived from those names, and a
+rank copies the slice it owns. The same seed therefore gives the same model under every
+TP/PP/VPP/EP/ETP/DP layout, which makes layout ablations and the parity tests meaningful,
+and memory stays at one row block per tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+_BLOCK_ROWS = 4096
+_ONES_SUFFIXES = ("layer_norm_weight", "layernorm.weight", "norm.weight")
+_SCALED_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _block_seed(seed: int, key: str, index: tuple[int, ...], block: int) -> int:
+    text = f"{seed}|{key}|{','.join(map(str, index))}|{block}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _std_for(key: str, std: float, num_layers: int) -> float:
+    if key.endswith(_SCALED_SUFFIXES):
+        # Megatron's scaled init for the residual-branch output projections.
+        return std / math.sqrt(2.0 * num_layers)
+    return std
+
+
+@torch.no_grad()
+def _fill_shard(sh, seed: int, std: float, num_layers: int) -> None:
+    data = sh.data
+    key = sh.key
+    if key.endswith(_ONES_SUFFIXES):
+        data.fill_(1.0)
+        return
+    if key.endswith(".bias"):
+        data.zero_()
+        return
+    if data.dim() < 2:
+        raise RuntimeError(f"no initialisation rule for 1-D parameter {key!r}")
+    pre = sh.prepend_axis_num
+    index = tuple(sh.global_offset[:pre])
+    global_rows = sh.global_shape[pre]
+    row0, n_rows = sh.global_offset[pre], data.shape[0]
+    col_slices = [
+        slice(off, off + n)
+        for off, n in zip(sh.global_offset[pre + 1 :], data.shape[1:], strict=True)
+    ]
+    full_tail = tuple(sh.global_shape[pre + 1 :])
+    sigma = _std_for(key, std, num_layers)
+    gen = torch.Generator(device=data.device)
+    first, last = row0 // _BLOCK_ROWS, (row0 + n_rows - 1) // _BLOCK_ROWS
+    for block in range(first, last + 1):
+        b0 = block * _BLOCK_ROWS
+        rows = min(_BLOCK_ROWS, global_rows - b0)
+        gen.manual_seed(_block_seed(seed, key, index, block))
+        values = torch.randn((rows, *full_tail), generator=gen, device=data.device)
+        lo, hi = max(row0, b0), min(row0 + n_rows, b0 + rows)
+        piece = values[(slice(lo - b0, hi - b0), *col_slices)]
+        data[lo - row0 : hi - row0].copy_(piece * sigma)
+
+
+def initialize_weights(chunks: list[torch.nn.Module], seed: int, std: float,
+                       num_layers: int) -> None:
+    """Fill every parameter of ``chunks`` from the layout-independent streams; fails if any
+    parameter element is left untouched (a new module type would otherwise keep garbage)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for chunk in chunks:
+        params = {p.data_ptr(): (name, p) for name, p in chunk.named_parameters()}
+        covered = dict.fromkeys(params, 0)
+        for item in nested_values(chunk.sharded_state_dict()):
+            shards = [item]
+            if isinstance(item, ShardedTensorFactory):
+                shards = list(nested_values(item.build()))
+            for sh in shards:
+                if not isinstance(sh, ShardedTensor) or sh.data is None:
+                    continue
+                base = sh.data.untyped_storage().data_ptr()
+                owner = next(
+                    (ptr for ptr, (_, p) in params.items()
+                     if p.untyped_storage().data_ptr() == base),
+                    None,
+                )
+                if owner is None:
+                    continue  # a buffer, not a parameter
+                _fill_shard(sh, seed, std, num_layers)
+                covered[owner] += sh.data.numel()
+        missing = [params[ptr][0] for ptr, n in covered.items() if n < params[ptr][1].numel()]
+        if missing:
+            raise RuntimeError(f"parameters without an initialisation rule: {missing}")

@@ -1,0 +1,1 @@
+"""Process groups, rank discovery, the parallel layout and the CPU compatibility layer."""

@@ -1,0 +1,211 @@
+"""CPU compatibility layer: lets megatron-core (0.16.x) run on CPU processes with gloo.
+
+This is the only module that knows megatron-core was written for CUDA. ``install()`` is a no-op
+when CUDA is available; otherwise it must run before megatron-core modules are imported
+(megatron decorates functions with ``torch.compile`` at import time). What it changes, and why:
+
+* A ``TorchFunctionMode`` maps ``device="cuda"``, ``"cuda:N"`` and integer device arguments,
+  ``Tensor.cuda()``, ``Tensor.to("cuda")`` and ``pin_memory`` to CPU, and reports CPU tensor
+  types as ``torch.cuda.*Tensor`` (megatron's optimizer dispatches on ``tensor.type()``).
+  torch runs ``backward()`` with the mode popped, so the mode re-enters itself around it.
+* The CUDA RNG is the CPU generator: megatron's RNG tracker forks "CUDA" states for TP-aware
+  dropout and init; on CPU those random draws come from the CPU generator, so that is the state
+  to fork. ``torch.cuda._lazy_call`` would queue callbacks forever without CUDA: run them now.
+* Streams, events, synchronize and memory statistics get inert stand-ins.
+* gloo: ``all_to_all_single`` needs split sizes as lists; ``all_gather`` needs equal sizes
+  (megatron's MoE token gather with TP > 1 is uneven: pad to the largest, then trim).
+* ``torch.compile`` is disabled: on CPU it would compile with gcc in every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_MODE: _CpuDeviceMode | None = None
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+}
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _CpuDeviceMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if func in (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad):
+            with self:
+                return func(*args, **kwargs)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Stream:
+    """Inert stand-in for ``torch.cuda.Stream`` (CPU work is synchronous)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_event(self, *args, **kwargs) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event or _Event()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _Event:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cpu_gen = torch.default_generator
+    cuda.current_device = lambda: 0
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    cuda.random.set_rng_state = cuda.set_rng_state
+    cuda.manual_seed = lambda seed: cpu_gen.manual_seed(int(seed))
+    cuda.random.manual_seed = cuda.manual_seed
+    cuda.manual_seed_all = cuda.manual_seed
+    cuda.default_generators = (cpu_gen,)
+    cuda._lazy_call = lambda cb, **kw: cb()
+    cuda.Stream = _Stream
+    cuda.Event = _Event
+    cuda.current_stream = lambda *a, **k: _Stream()
+    cuda.default_stream = lambda *a, **k: _Stream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.set_stream = lambda *a, **k: None
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.set_device = lambda *a, **k: None
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
+                 "max_memory_reserved"):
+        setattr(cuda, name, lambda *a, **k: 0)
+    cuda.memory_stats = lambda *a, **k: {}
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+
+
+def _patch_collectives() -> None:
+    dist = torch.distributed
+    orig_a2a = dist.all_to_all_single
+    orig_all_gather = dist.all_gather
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
+                          group=None, async_op=False):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return orig_a2a(output, input, output_split_sizes, input_split_sizes, group=group,
+                        async_op=async_op)
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        rows = [t.shape[0] if t.dim() else 1 for t in tensor_list]
+        if tensor.dim() == 0 or len(set(rows)) == 1:
+            return orig_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        # gloo requires equal sizes: pad every contribution to the longest, then trim.
+        longest = max(rows)
+        pad = tensor.new_zeros((longest, *tensor.shape[1:]))
+        pad[: tensor.shape[0]] = tensor
+        padded = [tensor.new_empty((longest, *tensor.shape[1:])) for _ in tensor_list]
+        orig_all_gather(padded, pad, group=group)
+        for out, src, n in zip(tensor_list, padded, rows, strict=True):
+            out.copy_(src[:n])
+        return None
+
+    dist.all_to_all_single = all_to_all_single
+    dist.all_gather = all_gather
+
+
+def _patch_megatron() -> None:
+    from megatron.core import jit
+
+    jit.disable_jit_fuser()
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._lazy_call = lambda cb, **kw: cb()
+    # The tracker warns whenever the CPU generator moves inside a fork; on CPU that generator
+    # *is* the forked state, so the warning is noise.
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def install() -> bool:
+    """Activate the layer when CUDA is absent. Returns True when it is (or already was) active."""
+    global _INSTALLED, _MODE
+    if torch.cuda.is_available():
+        return False
+    if _INSTALLED:
+        return True
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+    from torch import _dynamo
+
+    _dynamo.config.disable = True
+    _patch_torch_cuda()
+    _patch_collectives()
+    _patch_megatron()
+    _MODE = _CpuDeviceMode()
+    _MODE.__enter__()
+    _INSTALLED = True
+    return True
+
+
+def is_active() -> bool:
+    return _INSTALLED

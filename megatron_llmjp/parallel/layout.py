@@ -1,0 +1,143 @@
+"""The parallel layout as a small pure value, checked before any process group exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_llmjp.config.schema import ModelConfig, ParallelConfig, TrainConfig
+
+
+class LayoutError(ValueError):
+    """A parallel layout that megatron-core cannot run (message names the fields)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    vpp: int | None
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    sequence_parallel: bool
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert weights (megatron's expert-data-parallel group)."""
+        return self.world // (self.ep * self.etp * self.pp)
+
+    def describe(self) -> str:
+        vpp = f" vpp={self.vpp}" if self.vpp else ""
+        return (
+            f"world={self.world}: tp={self.tp} pp={self.pp}{vpp} cp={self.cp} ep={self.ep} "
+            f"etp={self.etp} dp={self.dp} sp={self.sequence_parallel}"
+        )
+
+
+def make_layout(
+    p: ParallelConfig, m: ModelConfig, t: TrainConfig, world: int
+) -> Layout:
+    """Derive dp and check every divisibility rule the trainer relies on."""
+    for name in ("tp", "pp", "cp", "ep"):
+        if getattr(p, name) < 1:
+            raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    etp = 1 if p.etp is None else p.etp
+    if etp < 1:
+        raise LayoutError(f"parallel.etp must be >= 1, got {p.etp}")
+    model_par = p.tp * p.pp * p.cp
+    if world % model_par:
+        raise LayoutError(
+            f"world size {world} is not divisible by parallel.tp*pp*cp = "
+            f"{p.tp}*{p.pp}*{p.cp} = {model_par}"
+        )
+    dp = world // model_par
+    if world % (p.ep * etp * p.pp):
+        raise LayoutError(
+            f"world size {world} is not divisible by parallel.ep*etp*pp = "
+            f"{p.ep}*{etp}*{p.pp} = {p.ep * etp * p.pp}"
+        )
+    if (p.tp * p.cp * dp) % (p.ep * etp):
+        raise LayoutError(
+            f"parallel.ep*etp = {p.ep * etp} must divide tp*cp*dp = {p.tp * p.cp * dp} "
+            "(experts are sharded over the ranks of one pipeline stage)"
+        )
+    if m.num_attention_heads % p.tp:
+        raise LayoutError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tp={p.tp}"
+        )
+    if m.num_query_groups % p.tp:
+        raise LayoutError(
+            f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}"
+        )
+    if m.num_layers % p.pp:
+        raise LayoutError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}"
+        )
+    vpp = p.vpp if p.vpp and p.vpp > 1 else None
+    if p.vpp is not None and p.vpp < 1:
+        raise LayoutError(f"parallel.vpp must be >= 1 or null, got {p.vpp}")
+    if vpp:
+        if p.pp < 2:
+            raise LayoutError(f"parallel.vpp={vpp} needs parallel.pp >= 2, got pp={p.pp}")
+        if m.num_layers % (p.pp * vpp):
+            raise LayoutError(
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pp*vpp = "
+                f"{p.pp}*{vpp} = {p.pp * vpp} (each virtual stage needs whole layers)"
+            )
+    if m.is_moe:
+        if m.num_experts % p.ep:
+            raise LayoutError(
+                f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}"
+            )
+        if m.moe_ffn_hidden_size % etp:
+            raise LayoutError(
+                f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} is not divisible by "
+                f"parallel.etp={etp}"
+            )
+    elif p.ep > 1 or etp > 1:
+        raise LayoutError(
+            f"parallel.ep={p.ep}, etp={etp}: expert parallelism needs an MoE model "
+            f"(model.name={m.name} is dense)"
+        )
+    if m.ffn_hidden_size is not None and m.ffn_hidden_size % p.tp:
+        raise LayoutError(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}"
+        )
+    sp = (p.tp > 1) if p.sequence_parallel is None else p.sequence_parallel
+    if sp and p.tp == 1:
+        sp = False
+    if m.is_moe and p.tp > 1 and not sp:
+        raise LayoutError(
+            "parallel.sequence_parallel=false: megatron-core MoE layers with tp > 1 need "
+            "sequence parallelism"
+        )
+    if sp and t.seq_length % p.tp:
+        raise LayoutError(
+            f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} "
+            "(sequence parallelism splits the sequence over the TP ranks)"
+        )
+    if p.cp > 1 and t.seq_length % (2 * p.cp):
+        raise LayoutError(
+            f"train.seq_length={t.seq_length} is not divisible by 2*parallel.cp={2 * p.cp}"
+        )
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise LayoutError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp} = "
+            f"{t.micro_batch_size * dp}"
+        )
+    if vpp:
+        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if n_micro % p.pp:
+            raise LayoutError(
+                f"the interleaved schedule (parallel.vpp={vpp}) needs the number of "
+                f"microbatches per step ({n_micro} = global_batch_size / (micro_batch_size*dp))"
+                f" to be a multiple of parallel.pp={p.pp}"
+            )
+    return Layout(
+        world=world, tp=p.tp, pp=p.pp, vpp=vpp, cp=p.cp, ep=p.ep, etp=etp, dp=dp,
+        sequence_parallel=sp,
+    )

@@ -1,0 +1,1 @@
+"""The training loop: optimizer, learning-rate schedule, metrics."""
