@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_llmjp.config.loader import ConfigError
 from megatron_llmjp.config.schema import ModelConfig, ParallelConfig, TrainConfig
 
 
-class LayoutError(ValueError):
+class LayoutError(ConfigError):
     """A parallel layout that megatron-core cannot run (message names the fields)."""
 
 

@@ -65,9 +65,7 @@ def test_int_is_accepted_for_float():
 
 
 def test_model_overrides_on_top_of_registry():
-    cfg = build_config(
-        overrides=[*SYNTHETIC, "model.name=llm-jp-4-tiny-moe", "model.num_layers=2"]
-    )
+    cfg = build_config(overrides=[*SYNTHETIC, "model.name=llm-jp-4-tiny-moe", "model.num_layers=2"])
     assert cfg.model == replace(MODELS["llm-jp-4-tiny-moe"], num_layers=2)
     assert cfg.model.is_moe and cfg.model.qk_layernorm
 
