@@ -109,6 +109,7 @@ def transformer_config(cfg: RunConfig, layout: Layout):
         # interleaved schedule; unbatched p2p is exact on both.
         batch_p2p_comm=te,
         deallocate_pipeline_outputs=True,
+        cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         **moe,
     )
 

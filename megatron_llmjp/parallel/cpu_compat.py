@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -195,6 +196,14 @@ def install() -> bool:
     if _INSTALLED:
         return True
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+    # Expected on CPU, once per process and rank: not worth a screenful each.
+    for message in (
+        ".*Transformer Engine and Apex are not installed.*",
+        "Apex is not installed.*",
+        "The .grad attribute of a Tensor that is not a leaf Tensor",
+        r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message)
     from torch import _dynamo
 
     _dynamo.config.disable = True
