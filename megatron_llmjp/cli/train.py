@@ -17,7 +17,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="dotted override, repeatable, e.g. --set parallel.tp=2 --set train.iters=20",
     )
     return p.parse_args(argv)

@@ -28,7 +28,7 @@ class ModelConfig:
     num_query_groups: int = 2
     """Number of key/value heads (GQA)."""
     kv_channels: int = 16
-    """Head dimension; independent of hidden_size / num_attention_heads (32B-A3B: 128 != 2560/40)."""
+    """Head dimension, independent of hidden_size / num_attention_heads (32B-A3B: 128, not 64)."""
     vocab_size: int = 196608
     """True tokenizer vocabulary; the embedding is padded for TP inside the model only."""
     make_vocab_size_divisible_by: int = 128
@@ -59,8 +59,8 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """Parallel layout. The data parallel size is derived: world / (tp * pp * cp) must be an
-    integer and, for MoE, a multiple of ep * etp / tp (experts are sharded over the dp x cp ranks)."""
+    """Parallel layout. The data parallel size is derived, dp = world / (tp * pp * cp); for MoE,
+    ep * etp must divide tp * cp * dp (experts are sharded over the ranks of one stage)."""
 
     tp: int = 1
     """Tensor parallel size."""

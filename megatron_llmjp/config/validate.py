@@ -18,8 +18,14 @@ def validate_static(cfg: RunConfig) -> None:
     m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
     for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
         _positive(getattr(t, key), f"train.{key}")
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "kv_channels", "vocab_size"):
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "vocab_size",
+    ):
         _positive(getattr(m, key), f"model.{key}")
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
@@ -70,7 +76,9 @@ def validate_static(cfg: RunConfig) -> None:
             "version; leave the checkpoint section unset"
         )
     if cfg.parallel.timeout_minutes <= 0:
-        raise ConfigError(f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}")
+        raise ConfigError(
+            f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}"
+        )
     if not cfg.data.synthetic:
         tok = Path(cfg.data.tokenizer)
         if not tok.exists():

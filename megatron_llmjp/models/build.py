@@ -156,8 +156,9 @@ def block_spec(cfg: RunConfig, tcfg, vp_stage: int | None):
 
 def model_vocab_size(cfg: RunConfig, layout: Layout) -> int:
     """Embedding rows: the true vocabulary padded for TP (never the tokenizer's size)."""
-    return padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                             layout.tp)
+    return padded_vocab_size(
+        cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp
+    )
 
 
 def build_model_chunks(cfg: RunConfig, layout: Layout) -> list[torch.nn.Module]:

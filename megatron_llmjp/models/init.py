@@ -67,8 +67,9 @@ def _fill_shard(sh, seed: int, std: float, num_layers: int) -> None:
         data[lo - row0 : hi - row0].copy_(piece * sigma)
 
 
-def initialize_weights(chunks: list[torch.nn.Module], seed: int, std: float,
-                       num_layers: int) -> None:
+def initialize_weights(
+    chunks: list[torch.nn.Module], seed: int, std: float, num_layers: int
+) -> None:
     """Fill every parameter of ``chunks`` from the layout-independent streams; fails if any
     parameter element is left untouched (a new module type would otherwise keep garbage)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -86,8 +87,11 @@ def initialize_weights(chunks: list[torch.nn.Module], seed: int, std: float,
                     continue
                 base = sh.data.untyped_storage().data_ptr()
                 owner = next(
-                    (ptr for ptr, (_, p) in params.items()
-                     if p.untyped_storage().data_ptr() == base),
+                    (
+                        ptr
+                        for ptr, (_, p) in params.items()
+                        if p.untyped_storage().data_ptr() == base
+                    ),
                     None,
                 )
                 if owner is None:

@@ -1,4 +1,4 @@
-"""Named LLM-jp-4 models. Each entry is data: one ``ModelConfig`` and where its numbers come from."""
+"""Named LLM-jp-4 models. Each entry is data: a ``ModelConfig`` and where its numbers come from."""
 
 from __future__ import annotations
 

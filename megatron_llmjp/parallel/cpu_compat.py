@@ -133,8 +133,12 @@ def _patch_torch_cuda() -> None:
     cuda.synchronize = lambda *a, **k: None
     cuda.empty_cache = lambda: None
     cuda.set_device = lambda *a, **k: None
-    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
-                 "max_memory_reserved"):
+    for name in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+    ):
         setattr(cuda, name, lambda *a, **k: 0)
     cuda.memory_stats = lambda *a, **k: {}
     cuda.reset_peak_memory_stats = lambda *a, **k: None
@@ -145,14 +149,16 @@ def _patch_collectives() -> None:
     orig_a2a = dist.all_to_all_single
     orig_all_gather = dist.all_gather
 
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
-                          group=None, async_op=False):
+    def all_to_all_single(
+        output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
         if isinstance(output_split_sizes, torch.Tensor):
             output_split_sizes = output_split_sizes.tolist()
         if isinstance(input_split_sizes, torch.Tensor):
             input_split_sizes = input_split_sizes.tolist()
-        return orig_a2a(output, input, output_split_sizes, input_split_sizes, group=group,
-                        async_op=async_op)
+        return orig_a2a(
+            output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op
+        )
 
     def all_gather(tensor_list, tensor, group=None, async_op=False):
         rows = [t.shape[0] if t.dim() else 1 for t in tensor_list]

@@ -33,8 +33,12 @@ def discover_ranks(env: dict | None = None) -> RankInfo:
     env = dict(os.environ if env is None else env)
     table = (
         ("torchrun", ("RANK",), ("LOCAL_RANK",), ("WORLD_SIZE",)),
-        ("openmpi", ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_LOCAL_RANK",),
-         ("OMPI_COMM_WORLD_SIZE",)),
+        (
+            "openmpi",
+            ("OMPI_COMM_WORLD_RANK",),
+            ("OMPI_COMM_WORLD_LOCAL_RANK",),
+            ("OMPI_COMM_WORLD_SIZE",),
+        ),
         ("pmix", ("PMIX_RANK",), ("MPI_LOCALRANKID", "PALS_LOCAL_RANKID"), ("PMI_SIZE",)),
         ("slurm", ("SLURM_PROCID",), ("SLURM_LOCALID",), ("SLURM_NTASKS",)),
     )

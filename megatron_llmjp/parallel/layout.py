@@ -37,9 +37,7 @@ class Layout:
         )
 
 
-def make_layout(
-    p: ParallelConfig, m: ModelConfig, t: TrainConfig, world: int
-) -> Layout:
+def make_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world: int) -> Layout:
     """Derive dp and check every divisibility rule the trainer relies on."""
     for name in ("tp", "pp", "cp", "ep"):
         if getattr(p, name) < 1:
@@ -74,9 +72,7 @@ def make_layout(
             f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}"
         )
     if m.num_layers % p.pp:
-        raise LayoutError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}"
-        )
+        raise LayoutError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
     vpp = p.vpp if p.vpp and p.vpp > 1 else None
     if p.vpp is not None and p.vpp < 1:
         raise LayoutError(f"parallel.vpp must be >= 1 or null, got {p.vpp}")
@@ -139,6 +135,13 @@ def make_layout(
                 f" to be a multiple of parallel.pp={p.pp}"
             )
     return Layout(
-        world=world, tp=p.tp, pp=p.pp, vpp=vpp, cp=p.cp, ep=p.ep, etp=etp, dp=dp,
+        world=world,
+        tp=p.tp,
+        pp=p.pp,
+        vpp=vpp,
+        cp=p.cp,
+        ep=p.ep,
+        etp=etp,
+        dp=dp,
         sequence_parallel=sp,
     )

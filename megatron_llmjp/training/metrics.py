@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    """Appends records to ``DIR/metrics.jsonl`` and mirrors numeric fields to ``DIR/tensorboard``."""
+    """Appends records to ``DIR/metrics.jsonl``; mirrors numeric fields to ``DIR/tensorboard``."""
 
     def __init__(self, out_dir: str | Path, tensorboard: bool = True):
         self.dir = Path(out_dir)

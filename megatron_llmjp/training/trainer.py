@@ -190,8 +190,12 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> list[dict]:
             t0 = time.perf_counter()
             scalars = train_step(state, cfg, step)
             dt = time.perf_counter() - t0
-            record = {"step": step + 1, **scalars, "step_time": dt,
-                      "tokens_per_sec": tokens_per_step / dt}
+            record = {
+                "step": step + 1,
+                **scalars,
+                "step_time": dt,
+                "tokens_per_sec": tokens_per_step / dt,
+            }
             history.append(record)
             if writer and ((step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters):
                 writer.write(record)

@@ -53,9 +53,16 @@ def _train(overrides: list[str]) -> list[dict]:
 def test_bf16_moe_trains(tmp_path):
     """BF16 (FP32 master weights in the distributed optimizer) with EP2: finite, falling loss."""
     overrides = [
-        "model.name=llm-jp-4-tiny-moe", "model.vocab_size=1000", "data.synthetic=true",
-        "precision.dtype=bf16", "parallel.ep=2", "train.iters=12", "train.seq_length=64",
-        "optim.lr=3e-3", "schedule.warmup_iters=2", "logging.tensorboard=false",
+        "model.name=llm-jp-4-tiny-moe",
+        "model.vocab_size=1000",
+        "data.synthetic=true",
+        "precision.dtype=bf16",
+        "parallel.ep=2",
+        "train.iters=12",
+        "train.seq_length=64",
+        "optim.lr=3e-3",
+        "schedule.warmup_iters=2",
+        "logging.tensorboard=false",
         f"output_dir={tmp_path}",
     ]
     history = spawn(_train, 2, overrides)[-1]
@@ -68,8 +75,12 @@ def test_bf16_moe_trains(tmp_path):
 def test_text_run_writes_metrics_tensorboard_and_config(tmp_path, shared_data):
     """Real tokenizer and corpus with TP2: metrics.jsonl, TensorBoard events, resolved config."""
     overrides = [
-        "model.name=llm-jp-4-tiny-dense", "parallel.tp=2", "train.iters=3",
-        "train.seq_length=64", "train.global_batch_size=4", "data.max_bytes_per_file=200000",
+        "model.name=llm-jp-4-tiny-dense",
+        "parallel.tp=2",
+        "train.iters=3",
+        "train.seq_length=64",
+        "train.global_batch_size=4",
+        "data.max_bytes_per_file=200000",
         f"data.tokenizer={shared_data / 'tokenizer/llm-jp-tokenizer-v4.0'}",
         f"data.text_files=[{shared_data / 'corpus/ja-jnli-v1.1-train.txt'}]",
         f"output_dir={tmp_path}",
@@ -94,10 +105,23 @@ def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
     """The README's main job through torchrun (4 processes, TP2 x PP2 x EP2), shortened."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-        "--master-port", str(_free_port()), "-m", "megatron_llmjp.cli.train",
-        "--config", "configs/quickstart.yaml", "--output-dir", str(tmp_path),
-        "--set", "train.iters=6", "--set", "logging.interval=1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "4",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "megatron_llmjp.cli.train",
+        "--config",
+        "configs/quickstart.yaml",
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        "train.iters=6",
+        "--set",
+        "logging.interval=1",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

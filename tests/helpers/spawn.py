@@ -23,8 +23,11 @@ def free_port() -> int:
 
 def _child(fn, rank, world, port, args, queue) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     try:
         import torch
@@ -57,8 +60,10 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0
                 errors.append(f"rank {rank} failed:\n{value}")
                 break
     except Exception as e:  # queue.Empty: a hang or a crash without a report
-        errors.append(f"no result from ranks {sorted(set(range(world)) - set(results))} "
-                      f"within {timeout:.0f} s ({type(e).__name__})")
+        errors.append(
+            f"no result from ranks {sorted(set(range(world)) - set(results))} "
+            f"within {timeout:.0f} s ({type(e).__name__})"
+        )
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.1)
