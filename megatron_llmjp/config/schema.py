@@ -75,7 +75,8 @@ class ParallelConfig:
     ep: int = 1
     """Expert parallel size."""
     etp: int | None = None
-    """Expert tensor parallel size; None means 1 (LLM-jp's choice, ETP1)."""
+    """Expert tensor parallel size. None means 1 when ep > 1 (LLM-jp's ETP1) and tp when ep == 1
+    (megatron-core then treats expert weights as dense ones, so they must be split like them)."""
     sequence_parallel: bool | None = None
     """Sequence parallelism over the TP group; None enables it whenever tp > 1."""
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"

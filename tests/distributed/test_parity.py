@@ -63,6 +63,7 @@ LAYOUTS = [
     ("llm-jp-4-tiny-dense", 4, ["parallel.tp=2", "parallel.pp=2"]),
     ("llm-jp-4-tiny-dense", 4, ["parallel.tp=2"]),
     ("llm-jp-4-tiny-moe", 2, ["parallel.ep=2"]),
+    ("llm-jp-4-tiny-moe", 2, ["parallel.tp=2"]),
     ("llm-jp-4-tiny-moe", 2, ["parallel.ep=2", "parallel.moe_token_dispatcher=allgather"]),
     ("llm-jp-4-tiny-moe", 4, ["parallel.ep=2", "parallel.tp=2"]),
     ("llm-jp-4-tiny-moe", 4, ["parallel.ep=2", "parallel.pp=2"]),
