@@ -108,8 +108,7 @@ def _forward_step(data_iterator, model, cp_split: bool):
         from megatron.core.utils import get_batch_on_this_cp_rank
 
         batch = get_batch_on_this_cp_rank(batch)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = {k: v.to(_device(), non_blocking=True) for k, v in batch.items()}
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
     )

@@ -62,6 +62,11 @@ LAYOUTS = [
     ("llm-jp-4-tiny-dense", 2, ["optim.use_distributed_optimizer=false"]),
     ("llm-jp-4-tiny-dense", 4, ["parallel.tp=2", "parallel.pp=2"]),
     ("llm-jp-4-tiny-dense", 4, ["parallel.tp=2"]),
+    (
+        "llm-jp-4-tiny-dense",
+        4,
+        ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"],
+    ),
     ("llm-jp-4-tiny-moe", 2, ["parallel.ep=2"]),
     ("llm-jp-4-tiny-moe", 2, ["parallel.tp=2"]),
     ("llm-jp-4-tiny-moe", 2, ["parallel.ep=2", "parallel.moe_token_dispatcher=allgather"]),

@@ -44,6 +44,54 @@ def test_param_counter_matches_megatron_model(model):
     assert real == predicted
 
 
+def _count_unique_shards(overrides: list[str]) -> tuple[int, int]:
+    """Elements this rank owns uniquely (replica 0 of each shard), and the counter's total."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_llmjp.models.build import build_model_chunks, model_vocab_size
+    from megatron_llmjp.parallel import dist
+    from megatron_llmjp.training.trainer import check_runtime
+
+    cfg = build_config(overrides=["data.synthetic=true", *overrides])
+    info = dist.discover_ranks()
+    layout = check_runtime(cfg, info)
+    dist.init_distributed(info, layout, 5)
+    try:
+        owned = 0
+        for chunk in build_model_chunks(cfg, layout):
+            params = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
+            for item in nested_values(chunk.sharded_state_dict()):
+                shards = item.build() if isinstance(item, ShardedTensorFactory) else [item]
+                for sh in nested_values(shards) if isinstance(shards, dict) else shards:
+                    if not isinstance(sh, ShardedTensor):
+                        continue
+                    replica = (
+                        sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                    )
+                    is_param = sh.data.untyped_storage().data_ptr() in params
+                    if is_param and all(r == 0 for r in replica):
+                        owned += sh.data.numel()
+        predicted = count_parameters(cfg.model, vocab_size=model_vocab_size(cfg, layout)).total
+        return owned, predicted
+    finally:
+        dist.destroy_distributed()
+
+
+@pytest.mark.parametrize(
+    "world,overrides",
+    [
+        (4, ["model.name=llm-jp-4-tiny-moe", "parallel.tp=2", "parallel.pp=2", "parallel.ep=2"]),
+        (4, ["model.name=llm-jp-4-tiny-dense", "parallel.pp=2", "parallel.vpp=2"]),
+        (4, ["model.name=llm-jp-4-tiny-moe", "parallel.ep=4"]),
+    ],
+)
+def test_sharded_parameters_add_up_to_the_counter(world, overrides):
+    """Across ranks, the uniquely owned shards of a parallel layout sum to the counted total."""
+    results = spawn(_count_unique_shards, world, overrides)
+    assert sum(owned for owned, _ in results) == results[0][1]
+
+
 def _train(overrides: list[str]) -> list[dict]:
     from megatron_llmjp.training.trainer import run
 
