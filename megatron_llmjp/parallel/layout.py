@@ -45,7 +45,7 @@ def make_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world: int) -
     # With ep == 1 megatron-core treats expert weights as dense ones (reduced over the DP group
     # only), so they must be sharded exactly like the dense layers: etp == tp. Otherwise each TP
     # rank would update its replica from its own sequence-parallel tokens and the copies drift.
-    etp = (p.tp if p.ep == 1 else 1) if p.etp is None else p.etp
+    etp = (p.tp if m.is_moe and p.ep == 1 else 1) if p.etp is None else p.etp
     if etp < 1:
         raise LayoutError(f"parallel.etp must be >= 1, got {p.etp}")
     if m.is_moe and p.ep == 1 and etp != p.tp:

@@ -154,11 +154,32 @@ def train_step(state: _State, cfg: RunConfig, step: int) -> dict:
         torch.distributed.all_reduce(
             totals, group=ps.get_data_parallel_group(with_context_parallel=True)
         )
-    return {
+    scalars = {
         "loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
     }
+    if cfg.model.is_moe:
+        scalars.update(_moe_losses(cfg.model.num_layers, len(micro)))
+    return scalars
+
+
+def _moe_losses(num_layers: int, num_microbatches: int) -> dict:
+    """Router losses (unscaled by their coefficients), averaged over layers and microbatches.
+
+    megatron-core accumulates them per layer on each rank; the reduction is a collective over
+    the pipeline, expert and data-parallel groups, so every rank calls this every step.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    out = {
+        f"moe_{name}": float(entry["values"].float().sum()) / (num_layers * num_microbatches)
+        for name, entry in sorted(tracker.items())
+    }
+    moe_utils.clear_aux_losses_tracker()
+    return out
 
 
 def _device():
