@@ -76,7 +76,8 @@ def initialize_weights(
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     for chunk in chunks:
-        params = {p.data_ptr(): (name, p) for name, p in chunk.named_parameters()}
+        # Shards are views of parameters (or of buffers): match them by storage.
+        params = {p.untyped_storage().data_ptr(): (n, p) for n, p in chunk.named_parameters()}
         covered = dict.fromkeys(params, 0)
         for item in nested_values(chunk.sharded_state_dict()):
             shards = [item]
@@ -85,16 +86,8 @@ def initialize_weights(
             for sh in shards:
                 if not isinstance(sh, ShardedTensor) or sh.data is None:
                     continue
-                base = sh.data.untyped_storage().data_ptr()
-                owner = next(
-                    (
-                        ptr
-                        for ptr, (_, p) in params.items()
-                        if p.untyped_storage().data_ptr() == base
-                    ),
-                    None,
-                )
-                if owner is None:
+                owner = sh.data.untyped_storage().data_ptr()
+                if owner not in params:
                     continue  # a buffer, not a parameter
                 _fill_shard(sh, seed, std, num_layers)
                 covered[owner] += sh.data.numel()

@@ -56,6 +56,9 @@ def init_distributed(info: RankInfo, layout: Layout, timeout_minutes: float) -> 
 
     cuda = torch.cuda.is_available()
     if cuda:
+        # megatron-core's TP/SP communication overlap relies on one hardware queue keeping
+        # kernels in issue order; it must be set before the CUDA context exists.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -123,6 +123,26 @@ def test_bf16_moe_trains(tmp_path):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
 
 
+def test_bf16_dense_tp2_pp2_trains(tmp_path):
+    overrides = [
+        "model.name=llm-jp-4-tiny-dense",
+        "model.vocab_size=1000",
+        "data.synthetic=true",
+        "precision.dtype=bf16",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "train.iters=12",
+        "train.seq_length=64",
+        "optim.lr=3e-3",
+        "schedule.warmup_iters=2",
+        "logging.tensorboard=false",
+        f"output_dir={tmp_path}",
+    ]
+    losses = [r["loss"] for r in spawn(_train, 4, overrides)[-1]]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+
+
 def test_text_run_writes_metrics_tensorboard_and_config(tmp_path, shared_data):
     """Real tokenizer and corpus with TP2: metrics.jsonl, TensorBoard events, resolved config."""
     overrides = [

@@ -1,0 +1,44 @@
+"""Every shipped config loads, validates, and fits its intended world size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_llmjp.config.loader import build_config
+from megatron_llmjp.parallel.layout import make_layout
+
+REPO = Path(__file__).resolve().parents[2]
+
+# config file -> (world size it is written for, expected derived dp)
+RECIPES = {
+    "configs/abci3/llm-jp-4-8b_32node_bf16.yaml": (256, 256),
+    "configs/abci3/llm-jp-4-33b_32node_bf16.yaml": (256, 64),
+    "configs/abci3/llm-jp-4-32b-a3b_32node_bf16.yaml": (256, 256),
+    "configs/abci3/llm-jp-4-332b-a31b_64node_bf16.yaml": (512, 64),
+}
+
+
+def test_every_config_is_covered():
+    shipped = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")}
+    assert shipped - {"configs/quickstart.yaml"} == set(RECIPES)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES))
+def test_recipe_layout(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    world, dp = RECIPES[path]
+    cfg = build_config(REPO / path)
+    layout = make_layout(cfg.parallel, cfg.model, cfg.train, world)
+    assert layout.dp == dp
+    assert cfg.precision.dtype == "bf16"
+    assert cfg.train.seq_length == 4096
+
+
+def test_quickstart_config_is_a_real_parallel_layout(shared_data, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = build_config(REPO / "configs/quickstart.yaml")
+    layout = make_layout(cfg.parallel, cfg.model, cfg.train, 4)
+    assert (layout.tp, layout.pp, layout.ep) == (2, 2, 2)
+    assert cfg.model.is_moe and not cfg.data.synthetic
