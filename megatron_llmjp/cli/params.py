@@ -17,7 +17,7 @@ import json
 import sys
 from typing import TextIO
 
-from megatron_llmjp.config.loader import ConfigError, _build, parse_overrides
+from megatron_llmjp.config.loader import ConfigError, build_dataclass, parse_overrides
 from megatron_llmjp.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
 from megatron_llmjp.models.params import ParamCounts, count_parameters, padded_vocab_size
 from megatron_llmjp.models.registry import MODELS
@@ -62,7 +62,7 @@ def resolve_model(name: str, overrides: list[str]) -> ModelConfig:
     if "name" in model_data:
         raise ConfigError("--set model.name: give the model as the NAME argument instead")
     where = {f"model.{k}": "--set" for k in model_data}
-    m = _build(ModelConfig, model_data, "model.", where, base=MODELS[name])
+    m = build_dataclass(ModelConfig, model_data, "model.", where, base=MODELS[name])
     # Reuse the training config's model checks (GQA divisibility, MoE fields, ...). The other
     # sections are minimal valid values that cannot fail on their own.
     from megatron_llmjp.config.validate import validate_static

@@ -159,7 +159,9 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
     raise fail
 
 
-def _build(cls: type, data: dict, prefix: str, where: _Where, base: Any = None) -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str, where: _Where, base: Any = None) -> Any:
+    """Type-checked ``cls(**data)`` (or ``replace(base, **data)``); ``prefix`` and ``where``
+    only shape error messages (dotted key, ``file:line``)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -175,6 +177,8 @@ def _build(cls: type, data: dict, prefix: str, where: _Where, base: Any = None) 
         tp = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
+            if value is None:  # an empty section in YAML
+                value = {}
             if not isinstance(value, dict):
                 loc = f"{where[key]}: " if key in where else ""
                 raise ConfigError(f"{loc}{key}: expected a section (mapping), got {value!r}")
@@ -195,8 +199,8 @@ def _build_section(tp: type, data: dict, prefix: str, where: _Where) -> Any:
             raise ConfigError(
                 f"{loc}model.name: unknown model {name!r}; known: {', '.join(sorted(MODELS))}"
             )
-        return _build(tp, data, prefix, where, base=MODELS[name])
-    return _build(tp, data, prefix, where)
+        return build_dataclass(tp, data, prefix, where, base=MODELS[name])
+    return build_dataclass(tp, data, prefix, where)
 
 
 def build_config(
@@ -212,13 +216,13 @@ def build_config(
     if config_file is not None:
         data, where = load_yaml(config_file)
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
-        for key in _flatten(parse_overrides(overrides)):
-            where[key] = "--set"
+        parsed = parse_overrides(overrides)
+        data = _merge(data, parsed)
+        where.update(dict.fromkeys(_flatten(parsed), "--set"))
     if output_dir is not None:
         data["output_dir"] = output_dir
     data.setdefault("model", {})
-    cfg = _build(RunConfig, data, "", where)
+    cfg = build_dataclass(RunConfig, data, "", where)
     validate_static(cfg)
     return cfg
 
