@@ -13,7 +13,10 @@ from megatron_llmjp.config.loader import ConfigError, build_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llmjp-train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="llmjp-train",
+        description="Train a model from a YAML config on CPU (gloo) or GPU (NCCL).",
+    )
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
     p.add_argument(
