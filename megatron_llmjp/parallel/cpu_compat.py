@@ -208,6 +208,7 @@ def install() -> bool:
         "Apex is not installed.*",
         "The .grad attribute of a Tensor that is not a leaf Tensor",
         r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        ".*set the environment variable CUDA_DEVICE_MAX_CONNECTIONS.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     from torch import _dynamo

@@ -7,6 +7,7 @@ Read top to bottom: ``run()`` sets up process groups, model, optimizer and data,
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -57,6 +58,10 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
     from megatron_llmjp.models.build import build_model_chunks
     from megatron_llmjp.models.init import initialize_weights
 
+    # Expert layers with etp=1 inside a TP>1 model are plain (non-SP) linears by design.
+    warnings.filterwarnings(
+        "ignore", message=".*sequence_parallel.*tensor model parallel size is 1"
+    )
     chunks = build_model_chunks(cfg, layout)
     initialize_weights(chunks, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
     tcfg = chunks[0].config
