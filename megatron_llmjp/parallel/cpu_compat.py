@@ -7,7 +7,8 @@ when CUDA is available; otherwise it must run before megatron-core modules are i
 * A ``TorchFunctionMode`` maps ``device="cuda"``, ``"cuda:N"`` and integer device arguments,
   ``Tensor.cuda()``, ``Tensor.to("cuda")`` and ``pin_memory`` to CPU, and reports CPU tensor
   types as ``torch.cuda.*Tensor`` (megatron's optimizer dispatches on ``tensor.type()``).
-  torch runs ``backward()`` with the mode popped, so the mode re-enters itself around it.
+  torch runs ``backward()`` with the mode popped, so the mode runs the autograd engine itself
+  with the mode pushed (custom autograd functions' backward code creates "cuda" tensors too).
 * The CUDA RNG is the CPU generator: megatron's RNG tracker forks "CUDA" states for TP-aware
   dropout and init; on CPU those random draws come from the CPU generator, so that is the state
   to fork. ``torch.cuda._lazy_call`` would queue callbacks forever without CUDA: run them now.
@@ -57,9 +58,10 @@ class _CpuDeviceMode(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)
-        if func in (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad):
-            with self:
-                return func(*args, **kwargs)
+        if func is torch.Tensor.backward:
+            return self._backward(*args, **_rename(kwargs, gradient="grad_tensors"))
+        if func is torch.autograd.backward:
+            return self._backward(*args, **kwargs)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
@@ -67,6 +69,51 @@ class _CpuDeviceMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+    def _backward(
+        self,
+        tensors,
+        grad_tensors=None,
+        retain_graph=None,
+        create_graph=False,
+        inputs=None,
+        grad_variables=None,
+    ):
+        """``torch.autograd.backward`` with this mode active while the engine runs.
+
+        torch dispatches ``backward`` to the mode with the mode popped, and calling it again
+        inside ``with self`` would dispatch again; so prepare the arguments as torch does and
+        run the engine directly. (megatron's pipeline schedules already call the engine
+        directly through ``custom_backward``; this covers plain ``loss.backward()``.)
+        """
+        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+        from torch.autograd.graph import _engine_run_backward
+
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        if inputs is None:
+            inputs = ()
+        elif isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        else:
+            inputs = tuple(inputs)
+        grads = _tensor_or_tensors_to_tuple(
+            grad_variables if grad_tensors is None else grad_tensors, len(tensors)
+        )
+        grads = _make_grads(tensors, grads, is_grads_batched=False)
+        with self:
+            _engine_run_backward(
+                tensors,
+                grads,
+                create_graph if retain_graph is None else retain_graph,
+                create_graph,
+                inputs,
+                allow_unreachable=True,
+                accumulate_grad=True,
+            )
+
+
+def _rename(kwargs: dict, **names: str) -> dict:
+    return {names.get(k, k): v for k, v in kwargs.items()}
 
 
 class _Stream:
