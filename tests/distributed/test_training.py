@@ -92,6 +92,19 @@ def test_sharded_parameters_add_up_to_the_counter(world, overrides):
     assert sum(owned for owned, _ in results) == results[0][1]
 
 
+# A short BF16 run on synthetic data with a learning rate high enough to fall visibly.
+_BF16_RUN = [
+    "model.vocab_size=1000",
+    "data.synthetic=true",
+    "precision.dtype=bf16",
+    "train.iters=12",
+    "train.seq_length=64",
+    "optim.lr=3e-3",
+    "schedule.warmup_iters=2",
+    "logging.tensorboard=false",
+]
+
+
 def _train(overrides: list[str]) -> list[dict]:
     from megatron_llmjp.training.trainer import run
 
@@ -100,20 +113,8 @@ def _train(overrides: list[str]) -> list[dict]:
 
 def test_bf16_moe_trains(tmp_path):
     """BF16 (FP32 master weights in the distributed optimizer) with EP2: finite, falling loss."""
-    overrides = [
-        "model.name=llm-jp-4-tiny-moe",
-        "model.vocab_size=1000",
-        "data.synthetic=true",
-        "precision.dtype=bf16",
-        "parallel.ep=2",
-        "train.iters=12",
-        "train.seq_length=64",
-        "optim.lr=3e-3",
-        "schedule.warmup_iters=2",
-        "logging.tensorboard=false",
-        f"output_dir={tmp_path}",
-    ]
-    history = spawn(_train, 2, overrides)[-1]
+    overrides = ["model.name=llm-jp-4-tiny-moe", "parallel.ep=2", *_BF16_RUN]
+    history = spawn(_train, 2, [*overrides, f"output_dir={tmp_path}"])[-1]
     losses = [r["loss"] for r in history]
     assert all(math.isfinite(x) for x in losses)
     assert all(math.isfinite(r["grad_norm"]) for r in history)
@@ -124,21 +125,8 @@ def test_bf16_moe_trains(tmp_path):
 
 
 def test_bf16_dense_tp2_pp2_trains(tmp_path):
-    overrides = [
-        "model.name=llm-jp-4-tiny-dense",
-        "model.vocab_size=1000",
-        "data.synthetic=true",
-        "precision.dtype=bf16",
-        "parallel.tp=2",
-        "parallel.pp=2",
-        "train.iters=12",
-        "train.seq_length=64",
-        "optim.lr=3e-3",
-        "schedule.warmup_iters=2",
-        "logging.tensorboard=false",
-        f"output_dir={tmp_path}",
-    ]
-    losses = [r["loss"] for r in spawn(_train, 4, overrides)[-1]]
+    overrides = ["model.name=llm-jp-4-tiny-dense", "parallel.tp=2", "parallel.pp=2", *_BF16_RUN]
+    losses = [r["loss"] for r in spawn(_train, 4, [*overrides, f"output_dir={tmp_path}"])[-1]]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
 
