@@ -7,6 +7,7 @@ Configuration errors are reported in one line (exit 2) before any process group 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_llmjp.config.loader import ConfigError, build_config
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done (or saved and stopped on an exit signal), 2 bad config or checkpoint,
+    3 stopped on a non-finite step, 4 a peer rank crashed or hung."""
     args = parse_args(argv)
     from megatron_llmjp.parallel.dist import discover_ranks
 
@@ -44,9 +47,24 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank == 0:
             print(f"llmjp-train: error: {e}", file=sys.stderr)
         return 2
+    from megatron_llmjp.training.faults import NonFiniteError, PeerFailure
     from megatron_llmjp.training.trainer import run
 
-    run(cfg, info)
+    try:
+        run(cfg, info)
+    except ConfigError as e:  # a checkpoint that fails to load (every rank raises it)
+        if info.rank == 0:
+            print(f"llmjp-train: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        if info.rank == 0:
+            print(f"llmjp-train: stopped: {e}", file=sys.stderr)
+        return 3
+    except PeerFailure as e:
+        print(f"llmjp-train: error: {e}", file=sys.stderr, flush=True)
+        # Leave now: interpreter teardown may block on the dead peer's sockets.
+        sys.stderr.flush()
+        os._exit(4)
     return 0
 
 

@@ -83,7 +83,8 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     timeout_minutes: float = 10.0
-    """Collective timeout: a dead rank turns into an error on the others instead of a hang."""
+    """Collective timeout: a rank that stops answering (hung or dead) turns into an error on
+    the others instead of a hang. Must cover the slowest collective, e.g. a checkpoint save."""
 
 
 @dataclass(kw_only=True)
@@ -145,10 +146,46 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    """Distributed checkpoints (megatron-core ``dist_checkpointing``, ``torch_dist`` format).
+
+    A run whose ``dir`` already holds a checkpoint resumes from its latest one (the ``latest``
+    file); otherwise ``load`` (if set) is the starting point. Each save is written to
+    ``iter_NNNNNNN.tmp`` and renamed to ``iter_NNNNNNN`` only when every rank has finished."""
+
     dir: str | None = None
-    """Where checkpoints go (not yet supported: must stay unset)."""
+    """Where checkpoints are saved and resumed from; None disables saving."""
     interval: int = 0
+    """Save every N iterations (0: only at the end, on a signal and after the last step)."""
     load: str | None = None
+    """Checkpoint to start from when ``dir`` holds none: a checkpoint root (with ``latest``) or
+    one ``iter_NNNNNNN`` directory."""
+    load_optimizer: bool = True
+    """Restore optimizer state, iteration and data position; False loads the weights only and
+    starts at iteration 0 (fine-tuning or continued pre-training from released weights)."""
+    async_save: bool = False
+    """Write shards in a background process while training continues; the checkpoint is
+    published at a later step once every rank has finished writing."""
+    save_at_end: bool = True
+    keep_last: int | None = None
+    """Delete older published checkpoints beyond the newest N (None keeps all)."""
+
+
+@dataclass(kw_only=True)
+class FaultConfig:
+    """What happens on a non-finite step, a loss spike or a scheduler signal."""
+
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss or gradient: ``stop`` reports the step and ranks and exits non-zero with
+    the weights untouched; ``skip`` drops the update, counts it and goes on."""
+    max_skipped_steps: int = 10
+    """With ``skip``: stop once this many steps have been skipped in the run."""
+    loss_spike_factor: float = 0.0
+    """Log a loss spike when the loss exceeds this factor times the mean of the previous
+    ``loss_spike_window`` steps (0 disables); spikes are counted, never skipped."""
+    loss_spike_window: int = 20
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank save a checkpoint (if ``checkpoint.dir`` is set) and exit 0
+    after the current step: the scheduler's walltime or pre-emption warning."""
 
 
 @dataclass(kw_only=True)
@@ -179,5 +216,6 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -70,11 +70,33 @@ def validate_static(cfg: RunConfig) -> None:
             f"warmup_iters = {decay_end - s.warmup_iters}]"
         )
     _positive(cfg.logging.interval, "logging.interval")
-    if cfg.checkpoint.dir is not None or cfg.checkpoint.load is not None:
+    c, f = cfg.checkpoint, cfg.fault
+    _positive(c.interval, "checkpoint.interval", allow_zero=True)
+    if c.keep_last is not None:
+        _positive(c.keep_last, "checkpoint.keep_last")
+    if c.dir is None and (c.interval or c.async_save):
         raise ConfigError(
-            "checkpoint.dir / checkpoint.load: saving and resuming are not available in this "
-            "version; leave the checkpoint section unset"
+            "checkpoint.interval / checkpoint.async_save are set but checkpoint.dir is not: "
+            "say where checkpoints go"
         )
+    if f.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"fault.nonfinite must be 'stop' or 'skip', got {f.nonfinite!r}")
+    _positive(f.max_skipped_steps, "fault.max_skipped_steps", allow_zero=True)
+    if f.loss_spike_factor and f.loss_spike_factor <= 1:
+        raise ConfigError(
+            f"fault.loss_spike_factor must be 0 (off) or > 1, got {f.loss_spike_factor}"
+        )
+    _positive(f.loss_spike_window, "fault.loss_spike_window")
+    import signal
+
+    for name in f.exit_signals:
+        if not isinstance(getattr(signal, str(name), None), signal.Signals) or name in (
+            "SIGKILL",
+            "SIGSTOP",
+        ):
+            raise ConfigError(
+                f"fault.exit_signals: {name!r} is not a catchable signal name (e.g. SIGTERM)"
+            )
     if cfg.parallel.timeout_minutes <= 0:
         raise ConfigError(
             f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}"

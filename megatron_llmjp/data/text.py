@@ -161,6 +161,19 @@ class GlobalBatchSampler:
         self.num_windows = (tokens.shape[0] - 1) // self.seq_length
         self._perms: dict[int, np.ndarray] = {}
         self._offsets = np.arange(self.seq_length + 1, dtype=np.int64)
+        self._base_step = 0
+        self._base_samples = 0
+
+    def resume_at(self, step: int, consumed_samples: int) -> None:
+        """Continue a run: optimizer step ``step`` starts at sample ``consumed_samples``.
+
+        The sample order is a function of the sample index only, so a resumed run sees exactly
+        the samples an uninterrupted one would, even if ``global_batch_size`` changed."""
+        self._base_step, self._base_samples = int(step), int(consumed_samples)
+
+    def first_sample(self, step: int) -> int:
+        """Index of the first sample of ``step`` in the run's sample order."""
+        return self._base_samples + (step - self._base_step) * self.global_batch_size
 
     def _perm(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
@@ -173,9 +186,9 @@ class GlobalBatchSampler:
 
     def window_indices(self, step: int) -> np.ndarray:
         """Window index of each row of the global batch of ``step``."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        k = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
+        if step < 0 or self.first_sample(step) < 0:
+            raise ValueError(f"step must be >= 0 and not before the resume point, got {step}")
+        k = self.first_sample(step) + np.arange(self.global_batch_size, dtype=np.int64)
         epochs, pos = np.divmod(k, self.num_windows)
         out = np.empty_like(k)
         for e in np.unique(epochs):
@@ -185,7 +198,7 @@ class GlobalBatchSampler:
 
     def epoch_at(self, step: int) -> float:
         """Epochs completed after ``step`` (fractional): samples seen / windows per epoch."""
-        return (step + 1) * self.global_batch_size / self.num_windows
+        return self.first_sample(step + 1) / self.num_windows
 
     def global_batch(self, step: int) -> np.ndarray:
         """``[global_batch_size, seq_length + 1]`` int64 windows for optimizer step ``step``."""

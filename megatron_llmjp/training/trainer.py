@@ -14,17 +14,32 @@ from pathlib import Path
 
 import torch
 
+from megatron_llmjp.checkpoint.state import Progress, ResumePlan, plan_resume
 from megatron_llmjp.config.loader import ConfigError, dump_yaml
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.parallel import cpu_compat
 from megatron_llmjp.parallel.dist import RankInfo, discover_ranks
 from megatron_llmjp.parallel.layout import Layout, make_layout
+from megatron_llmjp.training.faults import (
+    FaultMonitor,
+    PeerFailure,
+    is_comm_failure,
+    local_grads_nonfinite,
+    poison_grads,
+)
 from megatron_llmjp.training.lr_schedule import learning_rate
 from megatron_llmjp.training.metrics import MetricsWriter
 
 
-def check_runtime(cfg: RunConfig, info: RankInfo) -> Layout:
-    """Checks that need the world size and the machine; before any process group exists."""
+@dataclass
+class Preflight:
+    layout: Layout
+    resume: ResumePlan | None
+
+
+def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
+    """Checks that need the world size, the machine or the checkpoint on disk; before any
+    process group exists, so bad input fails in seconds on every rank alike."""
     layout = make_layout(cfg.parallel, cfg.model, cfg.train, info.world_size)
     if layout.cp > 1:
         from megatron_llmjp.models.build import use_transformer_engine
@@ -34,7 +49,7 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Layout:
                 f"parallel.cp={layout.cp}: context parallelism needs Transformer Engine "
                 "attention, which needs CUDA (run it on GPU nodes)"
             )
-    return layout
+    return Preflight(layout, plan_resume(cfg, layout))
 
 
 @dataclass
@@ -107,7 +122,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
     return _State(model, optimizer, sampler, layout, get_forward_backward_func())
 
 
-def _forward_step(data_iterator, model, cp_split: bool):
+def _forward_step(data_iterator, model, cp_split: bool, poison: bool = False):
     batch = next(data_iterator)
     if cp_split:
         from megatron.core.utils import get_batch_on_this_cp_rank
@@ -117,19 +132,25 @@ def _forward_step(data_iterator, model, cp_split: bool):
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
     )
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(_loss_func, batch["loss_mask"], poison)
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, poison: bool, output: torch.Tensor):
     """Per-token loss: (sum, token count); megatron divides by the global token count."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = (output.float().reshape(-1) * mask).sum()
+    if poison:  # fault injection (LLMJP_FAULT=nan_loss@STEP)
+        loss_sum = loss_sum * float("nan")
     n_tokens = mask.sum().to(torch.int)
     return loss_sum, n_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
-def train_step(state: _State, cfg: RunConfig, step: int) -> dict:
-    """One optimizer step; returns the step's scalars (meaningful on the last pipeline stage)."""
+def train_step(state: _State, cfg: RunConfig, step: int, monitor: FaultMonitor) -> dict:
+    """One optimizer step; returns the step's scalars (meaningful on the last pipeline stage).
+
+    Between the backward pass and the update, every rank reports non-finite losses/gradients
+    and received exit signals in one all-reduce (``FaultMonitor.decide``), so a bad step is
+    skipped or stopped on all ranks at once and the weights are never touched by it."""
     from megatron.core import parallel_state as ps
 
     lr = learning_rate(step, cfg.optim, cfg.schedule, cfg.train.iters)
@@ -142,7 +163,11 @@ def train_step(state: _State, cfg: RunConfig, step: int) -> dict:
     n_chunks = len(state.model)
     iterators = [iter(micro) for _ in range(n_chunks)]
     losses = state.forward_backward(
-        forward_step_func=partial(_forward_step, cp_split=state.layout.cp > 1),
+        forward_step_func=partial(
+            _forward_step,
+            cp_split=state.layout.cp > 1,
+            poison=monitor.injected("nan_loss", step + 1),
+        ),
         data_iterator=iterators if n_chunks > 1 else iterators[0],
         model=state.model if n_chunks > 1 else state.model[0],
         num_microbatches=len(micro),
@@ -150,11 +175,23 @@ def train_step(state: _State, cfg: RunConfig, step: int) -> dict:
         micro_batch_size=cfg.train.micro_batch_size,
         forward_only=False,
     )
-    _, grad_norm, _ = state.optimizer.step()
+    if monitor.injected("nan_grad", step + 1):
+        poison_grads(state.model)
     totals = torch.zeros(2, dtype=torch.float64)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
+    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    if last_stage:
         for out in losses:
             totals += out["lm loss"].detach().to("cpu", torch.float64)
+    verdict = monitor.decide(
+        step + 1,
+        loss_bad=not bool(torch.isfinite(totals).all()),
+        grad_bad=local_grads_nonfinite(state.model),
+        device=_device(),
+    )
+    grad_norm = None
+    if verdict.apply_update:
+        _, grad_norm, _ = state.optimizer.step()
+    if last_stage:
         totals = totals.to(_device())
         torch.distributed.all_reduce(
             totals, group=ps.get_data_parallel_group(with_context_parallel=True)
@@ -163,6 +200,8 @@ def train_step(state: _State, cfg: RunConfig, step: int) -> dict:
         "loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "skipped": int(not verdict.apply_update),
+        "stop_signal": verdict.stop_for_signal,
     }
     if cfg.model.is_moe:
         scalars.update(_moe_losses(cfg.model.num_layers, len(micro)))
@@ -191,17 +230,76 @@ def _device():
     return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
-def run(cfg: RunConfig, info: RankInfo | None = None) -> list[dict]:
-    """Train ``cfg`` on this process; returns the logged metrics (on the logging rank)."""
+@dataclass
+class RunResult:
+    history: list[dict]
+    """Logged records (on the logging rank; empty elsewhere)."""
+    progress: Progress
+    stopped_by: str | None = None
+    """The exit signal that ended the run early, if any."""
+
+
+def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
+    """A ``save(progress)`` callable plus the async queue to drain (both None without a dir)."""
+    if cfg.checkpoint.dir is None:
+        return None, None
+    from megatron_llmjp.checkpoint.state import save_checkpoint
+
+    queue = None
+    if cfg.checkpoint.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        queue = AsyncCallsQueue()
+
+    def save(progress: Progress) -> None:
+        save_checkpoint(
+            state.model,
+            state.optimizer,
+            cfg,
+            state.layout,
+            progress,
+            async_queue=queue,
+            before_publish=monitor.before_publish,
+        )
+
+    return save, queue
+
+
+def _clean_stale_saves(cfg: RunConfig, rank: int) -> None:
+    from megatron_llmjp.checkpoint import store
+
+    if cfg.checkpoint.dir is None or rank != 0:
+        return
+    import shutil
+
+    for stale in store.stale_tmp_dirs(Path(cfg.checkpoint.dir)):
+        print(f"[llmjp] removing unpublished save {stale} (left by an interrupted run)")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
+    """Train ``cfg`` on this process: resume if a checkpoint is there, save at the configured
+    interval, on an exit signal and at the end."""
+    from megatron_llmjp.checkpoint.state import load_checkpoint
     from megatron_llmjp.parallel.dist import destroy_distributed, init_distributed, seed_everything
 
     info = info or discover_ranks()
-    layout = check_runtime(cfg, info)
+    pre = check_runtime(cfg, info)
+    layout = pre.layout
     cpu_compat.install()
     init_distributed(info, layout, cfg.parallel.timeout_minutes)
+    monitor = FaultMonitor.create(cfg.fault, info.rank, info.world_size)
+    queue = None
     try:
         seed_everything(cfg.train.seed)
         state = _build(cfg, layout)
+        progress = Progress()
+        if pre.resume is not None:
+            progress = load_checkpoint(state.model, state.optimizer, cfg, layout, pre.resume)
+            state.sampler.sampler.resume_at(progress.iteration, progress.consumed_samples)
+        monitor.skipped_steps = progress.skipped_steps
+        _clean_stale_saves(cfg, info.rank)
+        save, queue = _checkpointer(cfg, state, monitor)
         is_logger = info.rank == info.world_size - 1  # a last-pipeline-stage rank
         out = Path(cfg.output_dir)
         if info.rank == 0:
@@ -209,23 +307,68 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> list[dict]:
         writer = MetricsWriter(out, tensorboard=cfg.logging.tensorboard) if is_logger else None
         if is_logger:
             print(f"[llmjp] {layout.describe()} model={cfg.model.name}", flush=True)
-        history = []
-        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
-        for step in range(cfg.train.iters):
+        history: list[dict] = []
+        result = RunResult(history, progress)
+        gbs = cfg.train.global_batch_size
+        tokens_per_step = gbs * cfg.train.seq_length
+        last_saved = progress.iteration if pre.resume is not None and pre.resume.full else None
+        monitor.install_signal_handlers()
+        for step in range(progress.iteration, cfg.train.iters):
+            monitor.at_step_start(step + 1)
             t0 = time.perf_counter()
-            scalars = train_step(state, cfg, step)
+            try:
+                scalars = train_step(state, cfg, step, monitor)
+            except Exception as e:
+                if info.world_size > 1 and is_comm_failure(e):
+                    raise PeerFailure(
+                        f"rank {info.rank}: a collective failed during step {step + 1} "
+                        f"(parallel.timeout_minutes={cfg.parallel.timeout_minutes}); another "
+                        f"rank has probably crashed or hung, see its log. Cause: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    ) from e
+                raise
             dt = time.perf_counter() - t0
+            progress.iteration = step + 1
+            progress.consumed_samples += gbs
+            progress.skipped_steps = monitor.skipped_steps
+            stop = scalars.pop("stop_signal")
             record = {
                 "step": step + 1,
                 **scalars,
                 "step_time": dt,
                 "tokens_per_sec": tokens_per_step / dt,
             }
+            if is_logger and monitor.observe_loss(step + 1, scalars["loss"]):
+                record["loss_spike"] = 1
             history.append(record)
-            if writer and ((step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters):
+            if writer and (
+                (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters or stop
+            ):
                 writer.write(record)
+            interval = cfg.checkpoint.interval
+            if save and (stop or (interval and progress.iteration % interval == 0)):
+                save(progress)
+                last_saved = progress.iteration
+            if queue is not None:
+                queue.maybe_finalize_async_calls(blocking=False)
+            if stop:
+                result.stopped_by = monitor.signal_name or "a signal on another rank"
+                break
+        if save and cfg.checkpoint.save_at_end and last_saved != progress.iteration:
+            save(progress)
+        if queue is not None:
+            queue.close()
+            queue = None
         if writer:
             writer.close()
-        return history
+        if result.stopped_by and is_logger:
+            print(
+                f"[llmjp] stopped after step {progress.iteration} on {result.stopped_by}",
+                flush=True,
+            )
+        return result
     finally:
+        monitor.restore_signal_handlers()
+        if queue is not None:
+            queue.close(abort=True)
         destroy_distributed()

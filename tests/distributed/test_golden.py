@@ -43,7 +43,7 @@ def _losses(model: str, extra: list[str], out_dir: str) -> list[float]:
         f"output_dir={out_dir}",
         *extra,
     ]
-    return [r["loss"] for r in run(build_config(overrides=overrides))]
+    return [r["loss"] for r in run(build_config(overrides=overrides)).history]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -36,7 +36,7 @@ def _losses(overrides: list[str], out_dir: str) -> list[float]:
     from megatron_llmjp.training.trainer import run
 
     cfg = build_config(overrides=BASE + overrides + [f"output_dir={out_dir}"])
-    return [r["loss"] for r in run(cfg)]
+    return [r["loss"] for r in run(cfg).history]
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def _count_unique_shards(overrides: list[str]) -> tuple[int, int]:
 
     cfg = build_config(overrides=["data.synthetic=true", *overrides])
     info = dist.discover_ranks()
-    layout = check_runtime(cfg, info)
+    layout = check_runtime(cfg, info).layout
     dist.init_distributed(info, layout, 5)
     try:
         owned = 0
@@ -108,7 +108,7 @@ _BF16_RUN = [
 def _train(overrides: list[str]) -> list[dict]:
     from megatron_llmjp.training.trainer import run
 
-    return run(build_config(overrides=overrides))
+    return run(build_config(overrides=overrides)).history
 
 
 def test_bf16_moe_trains(tmp_path):

@@ -1,0 +1,1 @@
+"""Distributed checkpoints: atomic publishing, the manifest, and megatron-core state."""

@@ -1,0 +1,231 @@
+"""``manifest.json``: what a checkpoint holds, in terms a converter can trust without megatron.
+
+Written by rank 0 into the unpublished directory after every shard is on disk, so a published
+checkpoint always has one. It records the architecture (with the conventions megatron-core uses
+for fused tensors), the parallel layout at save time, the progress counters, the software
+versions and the size of every file (a truncated copy is detected before loading).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+from megatron_llmjp.checkpoint.store import CheckpointError, atomic_write_text
+from megatron_llmjp.config.schema import ModelConfig, RunConfig
+from megatron_llmjp.models.params import padded_vocab_size
+from megatron_llmjp.parallel.layout import Layout
+
+MANIFEST = "manifest.json"
+FORMAT = "megatron-llmjp-checkpoint"
+FORMAT_VERSION = 1
+
+# Fields that fix tensor shapes: a checkpoint loads into a model only if these agree.
+SHAPE_FIELDS = (
+    "family",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "head_dim",
+    "vocab_size",
+    "qk_layernorm",
+    "tie_word_embeddings",
+)
+MOE_SHAPE_FIELDS = ("num_experts", "moe_ffn_hidden_size")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    import torch
+
+    import megatron_llmjp
+
+    return {
+        "megatron_core": _version("megatron-core"),
+        "torch": torch.__version__,
+        "transformer_engine": _version("transformer-engine") or _version("transformer_engine"),
+        "megatron_llmjp": megatron_llmjp.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def model_section(m: ModelConfig, tp: int, experts_layout: str) -> dict:
+    """The architecture with megatron-core's tensor conventions spelled out."""
+    heads_per_group = m.num_attention_heads // m.num_query_groups
+    out = {
+        "name": m.name,
+        "family": m.family,
+        "hf_architecture": "Qwen3MoeForCausalLM" if m.is_moe else "LlamaForCausalLM",
+        "num_layers": m.num_layers,
+        "hidden_size": m.hidden_size,
+        "ffn_hidden_size": m.ffn_hidden_size,
+        "num_attention_heads": m.num_attention_heads,
+        "num_query_groups": m.num_query_groups,
+        "head_dim": m.kv_channels,
+        "vocab_size": m.vocab_size,
+        "padded_vocab_size": padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp),
+        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "max_position_embeddings": m.max_position_embeddings,
+        "tie_word_embeddings": m.tie_word_embeddings,
+        "normalization": "RMSNorm",
+        "norm_epsilon": m.norm_epsilon,
+        "qk_layernorm": m.qk_layernorm,
+        "activation": "swiglu",
+        "add_bias_linear": False,
+        "init_method_std": m.init_method_std,
+        "qkv_layout": {
+            "fused": True,
+            "order": "per_query_group",
+            "heads_per_group": heads_per_group,
+            "description": (
+                "linear_qkv.weight has num_query_groups blocks of rows; block g holds "
+                "heads_per_group*head_dim query rows, then head_dim key rows, then head_dim "
+                "value rows of group g"
+            ),
+        },
+        "mlp_layout": {
+            "fused_gate_up": True,
+            "description": "linear_fc1.weight rows: ffn gate rows first, then up rows (SwiGLU)",
+        },
+        "rope": {
+            "type": "rope",
+            "base": m.rotary_base,
+            "rotary_percent": 1.0,
+            "interleaved": False,
+            "scaling": None,
+        },
+        "moe": None,
+    }
+    if m.is_moe:
+        out["moe"] = {
+            "num_experts": m.num_experts,
+            "router_topk": m.moe_router_topk,
+            "moe_ffn_hidden_size": m.moe_ffn_hidden_size,
+            "layer_freq": 1,
+            "shared_experts": 0,
+            "experts_layout": experts_layout,
+            "router": {
+                "score_function": "softmax",
+                "pre_softmax": not m.moe_norm_topk_prob,
+                "norm_topk_prob": m.moe_norm_topk_prob,
+                "dtype": m.moe_router_dtype,
+                "bias": False,
+                "aux_loss_coeff": m.moe_aux_loss_coeff,
+                "z_loss_coeff": m.moe_z_loss_coeff,
+            },
+        }
+    return out
+
+
+def build_manifest(
+    cfg: RunConfig,
+    layout: Layout,
+    progress: dict,
+    files: dict[str, int],
+    *,
+    optimizer_saved: bool,
+    experts_layout: str,
+) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "checkpoint_format": "torch_dist",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **progress,
+        "model": model_section(cfg.model, layout.tp, experts_layout),
+        "parallel": {
+            "world": layout.world,
+            "tp": layout.tp,
+            "pp": layout.pp,
+            "vpp": layout.vpp,
+            "cp": layout.cp,
+            "ep": layout.ep,
+            "etp": layout.etp,
+            "dp": layout.dp,
+            "sequence_parallel": layout.sequence_parallel,
+        },
+        "precision": {"params_dtype": cfg.precision.dtype, "master_weights": "fp32"},
+        "optimizer": {
+            "saved": optimizer_saved,
+            "type": "adamw",
+            "distributed": cfg.optim.use_distributed_optimizer,
+            "sharding": "fully_reshardable" if cfg.optim.use_distributed_optimizer else None,
+        },
+        "versions": versions(),
+        "files": files,
+    }
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Parse and sanity-check ``directory/manifest.json``."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory}: no {MANIFEST}; not a complete checkpoint of this format"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {data.get('format_version')} is not supported "
+            f"(this version reads {FORMAT_VERSION})"
+        )
+    for key in ("iteration", "model", "parallel", "files"):
+        if key not in data:
+            raise CheckpointError(f"{path}: missing field {key!r}")
+    return data
+
+
+def verify_files(directory: str | Path, manifest: dict) -> None:
+    """Every file the manifest lists exists with its recorded size (catches truncated copies)."""
+    directory = Path(directory)
+    for name, size in manifest["files"].items():
+        p = directory / name
+        if not p.is_file():
+            raise CheckpointError(f"{directory}: file {name} listed in {MANIFEST} is missing")
+        actual = p.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"{directory}: file {name} has {actual} bytes but {MANIFEST} records {size}; "
+                "the checkpoint is truncated or was modified"
+            )
+
+
+def check_model(manifest: dict, m: ModelConfig, directory: str | Path) -> None:
+    """Refuse a checkpoint whose tensors cannot have this model's shapes; name every field."""
+    saved = manifest["model"]
+    current = model_section(m, 1, "")
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, config {current[k]!r}"
+        for k in SHAPE_FIELDS
+        if saved.get(k) != current[k]
+    ]
+    for k in MOE_SHAPE_FIELDS:
+        a = (saved.get("moe") or {}).get(k)
+        b = (current.get("moe") or {}).get(k)
+        if a != b:
+            diffs.append(f"moe.{k}: checkpoint {a!r}, config {b!r}")
+    if diffs:
+        raise CheckpointError(
+            f"{directory} holds a different model ({saved.get('name')}) than model.* "
+            f"({m.name}): " + "; ".join(diffs)
+        )

@@ -1,0 +1,327 @@
+"""Saving and loading a training state with megatron-core ``dist_checkpointing``.
+
+The state is the model chunks, the optimizer (the distributed optimizer in its
+``fully_reshardable`` form, so DP/TP/PP may change between save and load), every RNG, the
+progress counters (iteration, consumed samples, skipped steps) and the schedule section. Tensor
+keys are global (layer-stacked), so a checkpoint loads into any layout of the same model.
+The LR schedule is a pure function of the iteration and ``schedule.*``; it is stored for the
+record and a changed schedule applies on resume.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_llmjp.checkpoint import store
+from megatron_llmjp.checkpoint.manifest import (
+    build_manifest,
+    check_model,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+from megatron_llmjp.checkpoint.store import CheckpointError
+from megatron_llmjp.config.loader import dump_yaml, to_dict
+from megatron_llmjp.config.schema import RunConfig
+from megatron_llmjp.parallel.layout import Layout
+
+# Distributed-optimizer state gathered into a layout-independent form at save time.
+SHARDING_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
+
+
+@dataclass
+class Progress:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class ResumePlan:
+    """What to load, decided and checked before any process group exists."""
+
+    directory: Path
+    manifest: dict
+    full: bool
+    """Optimizer, RNG and progress too (False: weights only, start at iteration 0)."""
+    source: str
+
+
+def _layout_dict(layout: Layout) -> dict:
+    d = asdict(layout)
+    return {k: d[k] for k in ("world", "tp", "pp", "vpp", "cp", "ep", "etp", "dp")}
+
+
+def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
+    """Find the checkpoint to start from and check it against the config (cheap, no torch)."""
+    c = cfg.checkpoint
+    if c.dir is not None and store.has_checkpoint(c.dir):
+        directory, full, source = store.resolve(c.dir, "checkpoint.dir"), True, "checkpoint.dir"
+    elif c.load is not None:
+        directory, full = store.resolve(c.load, "checkpoint.load"), c.load_optimizer
+        source = "checkpoint.load"
+    else:
+        return None
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    check_model(manifest, cfg.model, directory)
+    if full:
+        saved_opt = manifest.get("optimizer", {})
+        if not saved_opt.get("saved", False):
+            raise CheckpointError(
+                f"{directory} holds no optimizer state; set checkpoint.load_optimizer=false "
+                "to start from its weights"
+            )
+        if saved_opt.get("distributed") != cfg.optim.use_distributed_optimizer:
+            raise CheckpointError(
+                f"{directory} was saved with optim.use_distributed_optimizer="
+                f"{saved_opt.get('distributed')}; resume with the same setting or set "
+                "checkpoint.load_optimizer=false"
+            )
+        saved_ep = manifest["parallel"]["ep"]
+        if cfg.model.is_moe and (saved_ep > 1) != (layout.ep > 1):
+            raise CheckpointError(
+                f"{directory}: optimizer state saved with parallel.ep={saved_ep} cannot be "
+                f"loaded with parallel.ep={layout.ep} (megatron-core keeps expert and dense "
+                "optimizer state apart only when ep > 1); keep ep on the same side of 1 or set "
+                "checkpoint.load_optimizer=false"
+            )
+    return ResumePlan(directory, manifest, full, source)
+
+
+# -- state dicts ---------------------------------------------------------------------------
+
+
+def _capture_rng() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_state(model: list) -> dict:
+    """Per chunk, unwrapped from DDP (whose generic version would prefix ``module.``)."""
+    return {
+        f"chunk{i}": m.module.sharded_state_dict(metadata=SHARDING_METADATA)
+        for i, m in enumerate(model)
+    }
+
+
+def _state_dict(model, optimizer, *, is_loading: bool, with_rng: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    sd = {"model": _model_state(model)}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd["model"], is_loading=is_loading, metadata=SHARDING_METADATA
+        )
+    if with_rng:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        sd["rng_state"] = ShardedObject(
+            "rng_state", _capture_rng(), (world,), (rank,), replica_id=0
+        )
+    return sd
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _experts_layout(model: list) -> str:
+    for m in model:
+        for name, _ in m.named_modules():
+            if name.endswith("experts") or ".experts" in name:
+                from megatron.core.transformer.moe.experts import SequentialMLP
+
+                mod = dict(m.named_modules())[name]
+                return "sequential" if isinstance(mod, SequentialMLP) else "grouped"
+    return "none"
+
+
+# -- save ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    model: list,
+    optimizer,
+    cfg: RunConfig,
+    layout: Layout,
+    progress: Progress,
+    *,
+    async_queue=None,
+    before_publish=None,
+) -> Path:
+    """Write ``iter_N.tmp`` on all ranks, then publish it (collective).
+
+    With ``async_queue`` the shards are written in the background and the publishing runs when
+    the queue finalises the request; the returned path is where the checkpoint will appear."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    root = Path(cfg.checkpoint.dir)
+    rank = torch.distributed.get_rank()
+    tmp = store.tmp_dir(root, progress.iteration)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    torch.distributed.barrier()
+    sd = _state_dict(model, optimizer, is_loading=False, with_rng=True)
+    sd["progress"] = asdict(progress)
+    sd["schedule"] = to_dict(cfg.schedule)
+    strategy = FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy("torch_dist"), _dp_group()
+    )
+    experts_layout = _experts_layout(model) if cfg.model.is_moe else "none"
+    snapshot = Progress(**asdict(progress))
+
+    def publish() -> None:
+        if rank == 0:
+            dump_yaml(cfg, tmp / "config.yaml")
+            manifest = build_manifest(
+                cfg,
+                layout,
+                asdict(snapshot),
+                {},
+                optimizer_saved=True,
+                experts_layout=experts_layout,
+            )
+            manifest["files"] = store.file_sizes(tmp)
+            write_manifest(tmp, manifest)
+            if before_publish is not None:
+                before_publish(snapshot.iteration)
+            store.publish(tmp, root, snapshot.iteration)
+            if cfg.checkpoint.keep_last:
+                store.prune(root, cfg.checkpoint.keep_last)
+            final = root / store.iter_name(snapshot.iteration)
+            print(f"[llmjp] saved checkpoint {final}", flush=True)
+        torch.distributed.barrier()
+
+    request = dist_checkpointing.save(
+        sd,
+        str(tmp),
+        strategy,
+        async_sharded_save=async_queue is not None,
+        content_metadata=SHARDING_METADATA,
+    )
+    if request is None:
+        publish()
+    else:
+        request.finalize_fns.append(publish)
+        async_queue.schedule_async_request(request)
+    return root / store.iter_name(progress.iteration)
+
+
+# -- load ----------------------------------------------------------------------------------
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _agree(flag: bool) -> bool:
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _device():
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
+def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan: ResumePlan):
+    """Load ``plan`` into the built model and optimizer (collective); returns ``Progress``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_llmjp.checkpoint import torch_adam
+
+    directory = plan.directory
+    same_layout = plan.manifest["parallel"] == {
+        **plan.manifest["parallel"],
+        **_layout_dict(layout),
+    }
+    with_rng = plan.full and same_layout
+    if plan.full:
+        torch_adam.prepare_for_load(optimizer)
+    sd = _state_dict(model, optimizer if plan.full else None, is_loading=True, with_rng=with_rng)
+    strategy = FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(directory)), _dp_group()
+    )
+    try:
+        loaded, missing, _unexpected = dist_checkpointing.load(
+            sd, str(directory), strategy, strict=StrictHandling.RETURN_ALL
+        )
+        error = None
+    except Exception as e:  # noqa: BLE001 - re-raised below on every rank with the path
+        loaded, missing, error = None, set(), e
+    failed = _agree(error is not None or bool(missing))
+    if failed:
+        if error is not None:
+            raise CheckpointError(f"{directory}: loading failed: {error}") from error
+        if missing:
+            some = ", ".join(sorted(missing)[:4])
+            raise CheckpointError(
+                f"{directory} lacks {len(missing)} tensors this model needs (e.g. {some})"
+            )
+        raise CheckpointError(f"{directory}: loading failed on another rank (see its log)")
+    for i, m in enumerate(model):
+        m.module.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+    if plan.full:
+        optimizer.load_state_dict(loaded["optimizer"])
+        torch_adam.after_load(optimizer)
+        progress = Progress(**loaded["progress"])
+    else:
+        optimizer.reload_model_params()
+        progress = Progress()
+    if with_rng:
+        _restore_rng(loaded["rng_state"])
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        what = "full state" if plan.full else "weights only"
+        relayout = "" if same_layout else " (resharded from " + _describe(plan.manifest) + ")"
+        print(
+            f"[llmjp] loaded {directory} ({plan.source}, {what}) at iteration "
+            f"{progress.iteration}{relayout}",
+            flush=True,
+        )
+    return progress
+
+
+def _describe(manifest: dict) -> str:
+    p = manifest["parallel"]
+    return " ".join(f"{k}={p[k]}" for k in ("tp", "pp", "vpp", "ep", "etp", "dp") if k in p)

@@ -1,0 +1,154 @@
+"""Checkpoint directories on disk: naming, atomic publishing, the ``latest`` pointer.
+
+A checkpoint root holds ``iter_NNNNNNN/`` directories and a ``latest`` text file with the
+iteration of the newest complete one. Saves are written to ``iter_NNNNNNN.tmp/`` and renamed
+only when every rank has finished; ``latest`` is replaced atomically afterwards. A crash at any
+point therefore leaves the previous checkpoint and pointer untouched. Pure file-system code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from megatron_llmjp.config.loader import ConfigError
+
+LATEST = "latest"
+TMP_SUFFIX = ".tmp"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def iteration_of(path: Path) -> int | None:
+    m = _ITER.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_latest(root: Path) -> int | None:
+    """Iteration named by ``root/latest``, or None when there is no such file."""
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8").strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def resolve(path: str | Path, what: str) -> Path:
+    """The ``iter_*`` directory that ``path`` designates: a root's latest or the directory itself.
+
+    ``what`` names the config key in error messages."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{what}: {p} does not exist (cwd: {Path.cwd()})")
+    latest = read_latest(p)
+    if latest is not None:
+        target = p / iter_name(latest)
+        if not target.is_dir():
+            raise CheckpointError(
+                f"{what}: {p / LATEST} names iteration {latest} but {target} is missing"
+            )
+        return target
+    if p.is_dir() and iteration_of(p) is not None:
+        return p
+    raise CheckpointError(
+        f"{what}: {p} is neither a checkpoint root (no '{LATEST}' file) nor an iter_NNNNNNN "
+        "checkpoint directory"
+    )
+
+
+def has_checkpoint(root: str | Path) -> bool:
+    return read_latest(Path(root)) is not None
+
+
+def tmp_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / (iter_name(iteration) + TMP_SUFFIX)
+
+
+def stale_tmp_dirs(root: Path) -> list[Path]:
+    """Unpublished saves left by a crash (safe to delete: nothing points at them)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith(TMP_SUFFIX))
+
+
+def publish(tmp: Path, root: Path, iteration: int) -> Path:
+    """Rename a finished save into place, then point ``latest`` at it."""
+    root = Path(root)
+    final = root / iter_name(iteration)
+    old = None
+    if final.exists():  # re-saving an iteration (e.g. after a resume): swap, then drop the old
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST, f"{iteration}\n")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def published(root: Path) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = [(iteration_of(p), p) for p in root.iterdir() if p.is_dir()]
+    return sorted((i, p) for i, p in out if i is not None)
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete published checkpoints older than the newest ``keep_last`` (never ``latest``)."""
+    latest = read_latest(root)
+    items = published(root)
+    doomed = [p for i, p in items[: max(0, len(items) - keep_last)] if i != latest]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``directory`` (for the manifest)."""
+    directory = Path(directory)
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
