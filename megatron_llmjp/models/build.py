@@ -186,6 +186,29 @@ def build_model_chunks(cfg: RunConfig, layout: Layout) -> list[torch.nn.Module]:
             rotary_base=int(cfg.model.rotary_base),
             vp_stage=vp,
         )
+        _mark_tensor_parallel_weights(model)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         chunks.append(model.to(device))
     return chunks
+
+
+def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Tag split weights as megatron's own initialisation would.
+
+    With ``perform_initialization=False`` (weights come from ``models/init.py``), megatron's
+    local linear and embedding layers never set ``tensor_model_parallel``/``partition_dim``. The
+    gradient norm then counts a split weight on TP rank 0 only, as if it were a replicated
+    one, which under-reports the norm by about sqrt(tp) and clips at the wrong threshold."""
+    from megatron.core.tensor_parallel import layers
+
+    dims = (
+        (layers.VocabParallelEmbedding, 0),
+        (layers.ColumnParallelLinear, 0),
+        (layers.RowParallelLinear, 1),
+    )
+    for module in model.modules():
+        for cls, dim in dims:
+            weight = getattr(module, "weight", None)
+            if isinstance(module, cls) and isinstance(weight, torch.nn.Parameter):
+                if not getattr(weight, "tensor_model_parallel", False):
+                    layers.set_tensor_model_parallel_attributes(weight, True, dim, 1)

@@ -32,18 +32,19 @@ BASE = [
 ]
 
 
-def _losses(overrides: list[str], out_dir: str) -> list[float]:
+def _losses(overrides: list[str], out_dir: str) -> dict[str, list[float]]:
     from megatron_llmjp.training.trainer import run
 
     cfg = build_config(overrides=BASE + overrides + [f"output_dir={out_dir}"])
-    return [r["loss"] for r in run(cfg).history]
+    history = run(cfg).history
+    return {key: [r[key] for r in history] for key in ("loss", "grad_norm")}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     cache: dict[str, list[float]] = {}
 
-    def get(model: str) -> list[float]:
+    def get(model: str) -> dict[str, list[float]]:
         if model not in cache:
             out = tmp_path_factory.mktemp(f"ref-{model}")
             cache[model] = spawn(_losses, 1, [f"model.name={model}"], str(out))[0]
@@ -82,9 +83,14 @@ LAYOUTS = [
 def test_layout_matches_single_process(model, world, overrides, reference, tmp_path):
     ref = reference(model)
     got = spawn(_losses, world, [f"model.name={model}", *overrides], str(tmp_path))[-1]
-    assert len(got) == STEPS
-    assert all(math.isfinite(x) for x in got)
-    rel = [abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True)]
-    assert max(rel) < 1e-5, f"losses {got} vs single-process {ref}: max rel diff {max(rel):.2e}"
+    # The gradient norm is compared too: Adam is nearly invariant to a wrong gradient scale, so
+    # the losses alone would not reveal a norm (and clipping threshold) that is off.
+    for key in ("loss", "grad_norm"):
+        assert len(got[key]) == STEPS
+        assert all(math.isfinite(x) for x in got[key])
+        rel = [abs(a - b) / abs(b) for a, b in zip(got[key], ref[key], strict=True)]
+        assert max(rel) < 1e-5, (
+            f"{key} {got[key]} vs single-process {ref[key]}: max rel diff {max(rel):.2e}"
+        )
     # The losses must move: identical constant curves would hide a broken optimizer step.
-    assert ref[-1] < ref[0]
+    assert ref["loss"][-1] < ref["loss"][0]
