@@ -209,6 +209,9 @@ def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     for module in model.modules():
         for cls, dim in dims:
             weight = getattr(module, "weight", None)
-            if isinstance(module, cls) and isinstance(weight, torch.nn.Parameter):
-                if not getattr(weight, "tensor_model_parallel", False):
-                    layers.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            if (
+                isinstance(module, cls)
+                and isinstance(weight, torch.nn.Parameter)
+                and not getattr(weight, "tensor_model_parallel", False)
+            ):
+                layers.set_tensor_model_parallel_attributes(weight, True, dim, 1)

@@ -44,8 +44,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, world, port, args, queue))
-        for r in range(world)
+        ctx.Process(target=_child, args=(fn, r, world, port, args, queue)) for r in range(world)
     ]
     for p in procs:
         p.start()
