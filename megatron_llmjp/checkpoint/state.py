@@ -268,6 +268,7 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         FullyParallelLoadStrategyWrapper,
     )
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     from megatron_llmjp.checkpoint import torch_adam
 
@@ -283,21 +284,23 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     strategy = FullyParallelLoadStrategyWrapper(
         get_default_load_sharded_strategy(str(directory)), _dp_group()
     )
+    # megatron-core's naming: "unexpected" keys are requested by this rank but absent from the
+    # checkpoint (an error here); "missing" ones are stored but not requested (e.g. the RNG
+    # states when the layout changed, or the optimizer for a weights-only load).
     try:
-        loaded, missing, _unexpected = dist_checkpointing.load(
+        loaded, _stored_only, absent = dist_checkpointing.load(
             sd, str(directory), strategy, strict=StrictHandling.RETURN_ALL
         )
         error = None
-    except Exception as e:  # noqa: BLE001 - re-raised below on every rank with the path
-        loaded, missing, error = None, set(), e
-    failed = _agree(error is not None or bool(missing))
-    if failed:
+    except (Exception, CheckpointException) as e:  # re-raised below on every rank
+        loaded, absent, error = None, set(), e
+    if _agree(error is not None or bool(absent)):
         if error is not None:
             raise CheckpointError(f"{directory}: loading failed: {error}") from error
-        if missing:
-            some = ", ".join(sorted(missing)[:4])
+        if absent:
+            some = ", ".join(sorted(absent)[:4])
             raise CheckpointError(
-                f"{directory} lacks {len(missing)} tensors this model needs (e.g. {some})"
+                f"{directory} lacks {len(absent)} tensors this model needs (e.g. {some})"
             )
         raise CheckpointError(f"{directory}: loading failed on another rank (see its log)")
     for i, m in enumerate(model):

@@ -63,8 +63,8 @@ def read_latest(root: Path) -> int | None:
     path = Path(root) / LATEST
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8").strip()
-    if not text.isdigit():
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not (text.isascii() and text.isdigit()):
         raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
     return int(text)
 
@@ -76,9 +76,15 @@ def resolve(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{what}: {p} does not exist (cwd: {Path.cwd()})")
-    latest = read_latest(p)
+    try:
+        latest = read_latest(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from e
     if latest is not None:
         target = p / iter_name(latest)
+        swapped = target.with_name(target.name + ".old")
+        if not target.is_dir() and swapped.is_dir():
+            return swapped  # a re-save of this iteration was interrupted mid-swap
         if not target.is_dir():
             raise CheckpointError(
                 f"{what}: {p / LATEST} names iteration {latest} but {target} is missing"
@@ -105,7 +111,11 @@ def stale_tmp_dirs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith(TMP_SUFFIX))
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.endswith(TMP_SUFFIX) and _ITER.match(p.name[: -len(TMP_SUFFIX)])
+    )
 
 
 def publish(tmp: Path, root: Path, iteration: int) -> Path:

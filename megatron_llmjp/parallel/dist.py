@@ -76,7 +76,7 @@ def init_distributed(info: RankInfo, layout: Layout, timeout_minutes: float) -> 
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
-        distributed_timeout_minutes=max(1, int(timeout_minutes)),
+        distributed_timeout_minutes=timeout_minutes,  # a float works (timedelta)
         create_gloo_process_groups=True,
     )
 
