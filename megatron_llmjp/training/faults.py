@@ -228,12 +228,18 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 
 def local_grads_nonfinite(model: list) -> bool:
-    """Any NaN/Inf in this rank's gradient buffers (megatron DDP keeps all grads there)."""
-    for chunk in model:
-        for buf in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
-            if not torch.isfinite(buf.grad_data).all():
-                return True
-    return False
+    """Any NaN/Inf in this rank's gradient buffers (megatron DDP keeps all grads there).
+
+    One sum per buffer: a NaN or Inf anywhere makes the sum non-finite, and unlike
+    ``isfinite(x).all()`` it allocates no buffer-sized mask (a single read of the gradients,
+    a few milliseconds per step for an 8B model on one GPU)."""
+    sums = [
+        buf.grad_data.sum(dtype=torch.float32)
+        for chunk in model
+        for buf in (*chunk.buffers, *chunk.expert_parallel_buffers)
+        if buf.grad_data.numel()
+    ]
+    return bool(sums) and not bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def poison_grads(model: list) -> None:

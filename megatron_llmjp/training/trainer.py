@@ -312,6 +312,12 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         gbs = cfg.train.global_batch_size
         tokens_per_step = gbs * cfg.train.seq_length
         last_saved = progress.iteration if pre.resume is not None and pre.resume.full else None
+        if progress.iteration >= cfg.train.iters and is_logger:
+            print(
+                f"[llmjp] the checkpoint is at iteration {progress.iteration} >= train.iters="
+                f"{cfg.train.iters}: nothing to train (raise train.iters to continue)",
+                flush=True,
+            )
         monitor.install_signal_handlers()
         for step in range(progress.iteration, cfg.train.iters):
             monitor.at_step_start(step + 1)

@@ -72,6 +72,7 @@ RESUME = [
     ("ep2", 2, [*MOE, "parallel.ep=2"]),
     ("dp2-async", 2, [*DENSE, "checkpoint.async_save=true", "checkpoint.interval=2"]),
     ("dp2-no-distopt", 2, [*DENSE, "optim.use_distributed_optimizer=false"]),
+    ("bf16-ep2", 2, [*MOE, "parallel.ep=2", "precision.dtype=bf16"]),
 ]
 
 

@@ -161,32 +161,49 @@ def test_text_run_writes_metrics_tensorboard_and_config(tmp_path, shared_data):
 
 @pytest.mark.slow
 def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
-    """The README's main job through torchrun (4 processes, TP2 x PP2 x EP2), shortened."""
+    """The README's main job through torchrun (4 processes, TP2 x PP2 x EP2), shortened, then
+    launched again with more iterations: the second launch resumes from the first's checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "4",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "megatron_llmjp.cli.train",
-        "--config",
-        "configs/quickstart.yaml",
-        "--output-dir",
-        str(tmp_path),
-        "--set",
-        "train.iters=6",
-        "--set",
-        "logging.interval=1",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def launch(iters: int) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "4",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "megatron_llmjp.cli.train",
+            "--config",
+            "configs/quickstart.yaml",
+            "--output-dir",
+            str(tmp_path),
+        ]
+        for o in (
+            f"train.iters={iters}",
+            "logging.interval=1",
+            f"checkpoint.dir={tmp_path / 'ckpt'}",
+            "checkpoint.interval=3",
+        ):
+            cmd += ["--set", o]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    launch(6)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6
     assert records[-1]["loss"] < records[0]["loss"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*")) == [
+        "iter_0000003",
+        "iter_0000006",
+    ]
+    second = launch(8)
+    assert "at iteration 6" in second.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def _free_port() -> int:

@@ -34,6 +34,7 @@ def test_recipe_layout(path, monkeypatch):
     assert layout.dp == dp
     assert cfg.precision.dtype == "bf16"
     assert cfg.train.seq_length == 4096
+    assert cfg.checkpoint.dir and cfg.checkpoint.interval == 1000 and cfg.checkpoint.async_save
 
 
 def test_quickstart_config_is_a_real_parallel_layout(shared_data, monkeypatch):
