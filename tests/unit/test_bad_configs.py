@@ -84,6 +84,30 @@ CASES = [
         ["--set", "unknown config key 'train.iterz'", "iters"],
     ),
     (
+        "checkpoint_interval_without_dir",
+        1,
+        ["checkpoint.interval=100"],
+        ["checkpoint.interval", "checkpoint.dir is not"],
+    ),
+    (
+        "uncatchable_exit_signal",
+        1,
+        ["fault.exit_signals=[SIGTERM,SIGKILL]"],
+        ["fault.exit_signals", "'SIGKILL'", "not a catchable signal"],
+    ),
+    (
+        "loss_spike_factor_below_one",
+        1,
+        ["fault.loss_spike_factor=0.5"],
+        ["fault.loss_spike_factor", "> 1", "0.5"],
+    ),
+    (
+        "checkpoint_load_does_not_exist",
+        2,
+        ["checkpoint.load=/nonexistent/ckpt"],
+        ["checkpoint.load: /nonexistent/ckpt does not exist"],
+    ),
+    (
         "unknown_model_name",
         4,
         ["model.name=llm-jp-4-nope"],
