@@ -192,6 +192,22 @@ def test_corrupt_shard_fails_on_every_rank_with_the_path(saved, tmp_path):
         train(2, [*DENSE, f"checkpoint.load={copy}"], tmp_path / "run")
 
 
+def test_checkpoint_cli_info_and_verify(saved, tmp_path, capsys):
+    import shutil
+
+    from megatron_llmjp.cli.checkpoint import main
+
+    assert main(["info", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "iteration    2 (consumed samples 16" in out and "llm-jp-4-tiny-dense" in out
+    assert main(["verify", str(saved / "iter_0000002")]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy)
+    (copy / "iter_0000002" / "common.pt").write_bytes(b"")
+    assert main(["verify", str(copy)]) == 2
+    assert "common.pt has 0 bytes" in capsys.readouterr().err
+
+
 def test_manifest_describes_a_moe_checkpoint(tmp_path):
     overrides = [*MOE, "parallel.ep=2", "train.iters=1", "schedule.warmup_iters=0"]
     train(2, [*overrides, f"checkpoint.dir={tmp_path}"], tmp_path / "r")
