@@ -252,6 +252,7 @@ def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
         queue = AsyncCallsQueue()
 
     def save(progress: Progress) -> None:
+        t0 = time.perf_counter()
         save_checkpoint(
             state.model,
             state.optimizer,
@@ -261,6 +262,13 @@ def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
             async_queue=queue,
             before_publish=monitor.before_publish,
         )
+        if monitor.rank == monitor.world - 1:
+            note = " (shards are written in the background)" if queue is not None else ""
+            print(
+                f"[llmjp] checkpoint of iteration {progress.iteration}: training blocked "
+                f"{time.perf_counter() - t0:.2f} s{note}",
+                flush=True,
+            )
 
     return save, queue
 
