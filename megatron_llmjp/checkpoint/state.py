@@ -42,7 +42,13 @@ SHARDING_METADATA = {
 class Progress:
     iteration: int = 0
     consumed_samples: int = 0
+    """Samples trained on in the whole run (all data stages)."""
     skipped_steps: int = 0
+    data_stage: str | None = None
+    """Mixture stage being trained (None for text or synthetic data)."""
+    stage_start_iteration: int = 0
+    stage_consumed_samples: int = 0
+    """Position in the current stage's data: where a resumed run continues."""
 
 
 @dataclass

@@ -140,6 +140,16 @@ class DataConfig:
     """Read at most this many bytes of each file (keeps start-up fast on CPU)."""
     synthetic: bool = False
     """Random tokens instead of text (no tokenizer needed): for layout and unit tests."""
+    mixture: str | None = None
+    """Mixture file (see ``data/mixture.py``): train on megatron indexed datasets built with
+    ``llmjp-preprocess``, blended by megatron-core; ``text_files`` is then not used."""
+    stage: str | None = None
+    """Stage of the mixture to train (optional when it defines one). A run resumed from a
+    checkpoint of another stage starts the new stage's data from its beginning."""
+    split: str = "98,2,0"
+    """Train/valid/test split of every source, in documents (megatron-core's ``split``)."""
+    cache_dir: str | None = None
+    """Where megatron-core caches the dataset indices; default ``OUTPUT_DIR/dataset_cache``."""
     seed: int | None = None
     """Seed for the sample order; None uses ``train.seed``."""
 
@@ -202,6 +212,10 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seq_length: int = 128
+    eval_interval: int = 0
+    """Validation loss every N iterations on the mixture's valid split (0: never)."""
+    eval_iters: int = 1
+    """Global batches per validation (the same held-out samples every time)."""
 
 
 @dataclass(kw_only=True)

@@ -101,12 +101,34 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError(
             f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}"
         )
+    d = cfg.data
+    _positive(t.eval_interval, "train.eval_interval", allow_zero=True)
+    _positive(t.eval_iters, "train.eval_iters")
+    if d.mixture is not None:
+        if d.synthetic:
+            raise ConfigError("data.mixture and data.synthetic=true are exclusive")
+        from megatron_llmjp.data.mixture import load_mixture
+
+        mixture = load_mixture(d.mixture)
+        stage = mixture.stage(d.stage)
+        for m in stage.mix:
+            prefix = mixture.sources[m.name]
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise ConfigError(
+                        f"{d.mixture}: source {m.name}: {prefix}{ext} not found (cwd: "
+                        f"{Path.cwd()}); build it with llmjp-preprocess"
+                    )
+    elif d.stage is not None:
+        raise ConfigError(f"data.stage={d.stage!r} needs data.mixture")
+    elif t.eval_interval:
+        raise ConfigError("train.eval_interval needs data.mixture (validation uses its split)")
     if not cfg.data.synthetic:
         tok = Path(cfg.data.tokenizer)
         if not tok.exists():
             raise ConfigError(f"data.tokenizer: {tok} does not exist (cwd: {Path.cwd()})")
-        if not cfg.data.text_files:
+        if d.mixture is None and not cfg.data.text_files:
             raise ConfigError("data.text_files is empty (or set data.synthetic=true)")
-        for f in cfg.data.text_files:
+        for f in cfg.data.text_files if d.mixture is None else []:
             if not Path(f).is_file():
                 raise ConfigError(f"data.text_files: {f} does not exist (cwd: {Path.cwd()})")

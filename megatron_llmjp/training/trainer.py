@@ -56,20 +56,18 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
 class _State:
     model: list
     optimizer: object
-    sampler: object
+    data: object  # data.sampler.Data, built once the resume point is known
     layout: Layout
     forward_backward: object
 
 
 def _build(cfg: RunConfig, layout: Layout) -> _State:
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel as DDP
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_llmjp.data.sampler import build_sampler
     from megatron_llmjp.models.build import build_model_chunks
     from megatron_llmjp.models.init import initialize_weights
 
@@ -118,8 +116,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
     if cfg.parallel.overlap_param_gather:
         sync = [m.start_param_sync for m in model]
         tcfg.param_sync_func = sync[0] if len(sync) == 1 else sync
-    sampler = build_sampler(cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    return _State(model, optimizer, sampler, layout, get_forward_backward_func())
+    return _State(model, optimizer, None, layout, get_forward_backward_func())
 
 
 def _forward_step(data_iterator, model, cp_split: bool, poison: bool = False):
@@ -159,7 +156,7 @@ def train_step(state: _State, cfg: RunConfig, step: int, monitor: FaultMonitor) 
     for m in state.model:
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
-    micro = state.sampler.microbatches(step)
+    micro = state.data.train.microbatches(step)
     n_chunks = len(state.model)
     iterators = [iter(micro) for _ in range(n_chunks)]
     losses = state.forward_backward(
@@ -228,6 +225,74 @@ def _moe_losses(num_layers: int, num_microbatches: int) -> dict:
 
 def _device():
     return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
+def _build_data(cfg: RunConfig, progress: Progress, is_logger: bool):
+    """Build this rank's data and position it where ``progress`` says (a new mixture stage
+    starts at its own beginning); records the stage in ``progress``."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_llmjp.data.sampler import build_data
+
+    stage = None
+    if cfg.data.mixture is not None:
+        from megatron_llmjp.data.mixture import load_mixture
+
+        stage = load_mixture(cfg.data.mixture).stage(cfg.data.stage).name
+    if stage is None:
+        start, position = 0, progress.consumed_samples
+    elif progress.data_stage == stage:
+        start, position = progress.stage_start_iteration, progress.stage_consumed_samples
+    else:
+        start, position = progress.iteration, 0
+        if progress.iteration and is_logger:
+            print(
+                f"[llmjp] data stage {stage!r} starts at iteration {start} (the checkpoint was "
+                f"in stage {progress.data_stage!r})",
+                flush=True,
+            )
+    data = build_data(
+        cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), stage_start=start
+    )
+    data.train.resume_at(progress.iteration, position)
+    progress.data_stage, progress.stage_start_iteration = stage, start
+    progress.stage_consumed_samples = position
+    return data
+
+
+def evaluate(state: _State, cfg: RunConfig) -> float:
+    """Mean per-token loss on the held-out batches (collective; the same samples each time)."""
+    from megatron.core import parallel_state as ps
+
+    n_chunks = len(state.model)
+    totals = torch.zeros(2, dtype=torch.float64)
+    for m in state.model:
+        m.eval()
+    try:
+        for i in range(cfg.train.eval_iters):
+            micro = state.data.valid.microbatches(i)
+            iterators = [iter(micro) for _ in range(n_chunks)]
+            losses = state.forward_backward(
+                forward_step_func=partial(_forward_step, cp_split=state.layout.cp > 1),
+                data_iterator=iterators if n_chunks > 1 else iterators[0],
+                model=state.model if n_chunks > 1 else state.model[0],
+                num_microbatches=len(micro),
+                seq_length=cfg.train.seq_length,
+                micro_batch_size=cfg.train.micro_batch_size,
+                forward_only=True,
+            )
+            if ps.is_pipeline_last_stage(ignore_virtual=True):
+                for out in losses:
+                    totals += out["lm loss"].detach().to("cpu", torch.float64)
+    finally:
+        for m in state.model:
+            m.train()
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        totals = totals.to(_device())
+        torch.distributed.all_reduce(
+            totals, group=ps.get_data_parallel_group(with_context_parallel=True)
+        )
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
 @dataclass
@@ -304,7 +369,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         progress = Progress()
         if pre.resume is not None:
             progress = load_checkpoint(state.model, state.optimizer, cfg, layout, pre.resume)
-            state.sampler.sampler.resume_at(progress.iteration, progress.consumed_samples)
+        state.data = _build_data(cfg, progress, info.rank == info.world_size - 1)
         monitor.skipped_steps = progress.skipped_steps
         _clean_stale_saves(cfg, info.rank)
         save, queue = _checkpointer(cfg, state, monitor)
@@ -344,6 +409,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             dt = time.perf_counter() - t0
             progress.iteration = step + 1
             progress.consumed_samples += gbs
+            progress.stage_consumed_samples += gbs
             progress.skipped_steps = monitor.skipped_steps
             stop = scalars.pop("stop_signal")
             record = {
@@ -354,6 +420,9 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             }
             if is_logger and monitor.observe_loss(step + 1, scalars["loss"]):
                 record["loss_spike"] = 1
+            every = cfg.train.eval_interval
+            if every and ((step + 1) % every == 0 or step + 1 == cfg.train.iters):
+                record["valid_loss"] = evaluate(state, cfg)
             history.append(record)
             if writer and (
                 (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters or stop

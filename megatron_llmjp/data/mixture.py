@@ -1,0 +1,218 @@
+"""Data mixtures: which indexed datasets a stage samples from, and how much of each.
+
+A mixture file (YAML) names its sources once and defines stages, each with its own mix and an
+optional token budget::
+
+    sources:                      # name -> megatron indexed dataset prefix (.bin/.idx)
+      ja: runs/data/quickstart/ja
+      en: runs/data/quickstart/en
+      code: runs/data/quickstart/code
+    max_epochs: 4                 # warn when a source would be repeated more often
+    stages:
+      pretrain:
+        tokens: 3_000_000         # budget (optional; else the run's iters x batch x seq)
+        mix:
+          ja: {multiplier: 4.5}   # sampled 4.5x as often per token as a multiplier-1 source
+          en: {multiplier: 1}
+          code: {weight: 0.1}     # a fixed 10% share of the stage
+      midtrain:
+        mix: {ja: {weight: 0.5}, en: {weight: 0.5}}
+
+Shares: ``weight`` sources get exactly their weight; the remaining ``1 - sum(weights)`` is split
+over the ``multiplier`` sources in proportion to ``multiplier x natural tokens``. So a
+multiplier is a relative repetition rate (LLM-jp-4 pre-training: Japanese 4.5x, code 7.6x), and
+with only multipliers of 1 every source keeps its natural share. Relative paths are resolved
+against the current directory, like every path in a run config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_llmjp.config.loader import ConfigError, load_yaml
+
+
+@dataclass(frozen=True)
+class SourceMix:
+    name: str
+    weight: float | None = None
+    multiplier: float | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    mix: tuple[SourceMix, ...]
+    tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Mixture:
+    path: str
+    sources: dict[str, str]
+    stages: dict[str, Stage]
+    max_epochs: float = 4.0
+
+    def stage(self, name: str | None) -> Stage:
+        if name is None:
+            if len(self.stages) == 1:
+                return next(iter(self.stages.values()))
+            raise ConfigError(
+                f"{self.path} defines stages {sorted(self.stages)}: choose one with data.stage"
+            )
+        if name not in self.stages:
+            raise ConfigError(
+                f"data.stage={name!r} is not a stage of {self.path} (stages: "
+                f"{', '.join(sorted(self.stages))})"
+            )
+        return self.stages[name]
+
+
+def _number(value, where: str, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{where}: must be {'> 0' if positive else '>= 0'}, got {value}")
+    return float(value)
+
+
+def load_mixture(path: str | Path) -> Mixture:
+    """Parse and check a mixture file; every error names the file, line and key."""
+    data, where = load_yaml(path)
+    p = str(path)
+
+    def at(key: str) -> str:
+        return f"{where.get(key, p)}: {key}"
+
+    unknown = set(data) - {"sources", "stages", "max_epochs"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{at(key)}: unknown key (expected sources, stages, max_epochs)")
+    sources = data.get("sources")
+    if not isinstance(sources, dict) or not sources:
+        raise ConfigError(f"{at('sources')}: expected a mapping of source name -> dataset prefix")
+    for name, prefix in sources.items():
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigError(f"{at(f'sources.{name}')}: expected a dataset path prefix")
+    stages_raw = data.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise ConfigError(f"{at('stages')}: expected a mapping of stage name -> stage")
+    stages = {}
+    for sname, body in stages_raw.items():
+        key = f"stages.{sname}"
+        if not isinstance(body, dict) or not isinstance(body.get("mix"), dict) or not body["mix"]:
+            raise ConfigError(f"{at(key)}: expected a mapping with a non-empty 'mix'")
+        extra = set(body) - {"mix", "tokens"}
+        if extra:
+            raise ConfigError(f"{at(f'{key}.{sorted(extra)[0]}')}: unknown key (mix, tokens)")
+        tokens = body.get("tokens")
+        if tokens is not None:
+            tokens = int(_number(tokens, at(f"{key}.tokens")))
+        mix = []
+        for src, spec in body["mix"].items():
+            skey = f"{key}.mix.{src}"
+            if src not in sources:
+                raise ConfigError(
+                    f"{at(skey)}: unknown source (sources: {', '.join(sorted(sources))})"
+                )
+            if (
+                not isinstance(spec, dict)
+                or len(spec) != 1
+                or not (set(spec) <= {"weight", "multiplier"})
+            ):
+                raise ConfigError(
+                    f"{at(skey)}: expected exactly one of {{weight: W}} or {{multiplier: M}}"
+                )
+            ((kind, value),) = spec.items()
+            value = _number(value, at(f"{skey}.{kind}"), positive=kind == "multiplier")
+            mix.append(SourceMix(src, **{kind: value}))
+        weights = sum(m.weight for m in mix if m.weight is not None)
+        if weights > 1 + 1e-9:
+            raise ConfigError(f"{at(f'{key}.mix')}: weights sum to {weights:g} > 1")
+        if all(m.weight is not None for m in mix) and abs(weights - 1) > 1e-6:
+            raise ConfigError(
+                f"{at(f'{key}.mix')}: weights sum to {weights:g}; with no multiplier source "
+                "they must sum to 1"
+            )
+        stages[sname] = Stage(str(sname), tuple(mix), tokens)
+    max_epochs = _number(data.get("max_epochs", 4.0), at("max_epochs"))
+    return Mixture(p, {str(k): v for k, v in sources.items()}, stages, max_epochs)
+
+
+def natural_tokens(prefix: str) -> int:
+    """Tokens in an indexed dataset (EOD included), read from its ``.idx`` only."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
+        raise ConfigError(
+            f"dataset {prefix}.bin/.idx not found (cwd: {Path.cwd()}); build it with "
+            "llmjp-preprocess"
+        )
+    dataset = IndexedDataset(prefix, mmap=True)  # keep it alive: the lengths view its mmap
+    return int(dataset.sequence_lengths.sum(dtype=np.int64))
+
+
+def shares(stage: Stage, natural: dict[str, int]) -> dict[str, float]:
+    """Each source's share of the stage's sampled tokens (sums to 1)."""
+    fixed = {m.name: m.weight for m in stage.mix if m.weight is not None}
+    rest = 1.0 - sum(fixed.values())
+    rel = {m.name: m.multiplier * natural[m.name] for m in stage.mix if m.multiplier is not None}
+    total = sum(rel.values())
+    if rel and total == 0 and rest > 0:
+        raise ConfigError(f"stage {stage.name}: the multiplier sources hold no tokens")
+    out = dict(fixed)
+    out.update({n: rest * r / total for n, r in rel.items()} if rel else {})
+    return out
+
+
+@dataclass
+class PlanRow:
+    stage: str
+    source: str
+    prefix: str
+    natural_tokens: int
+    share: float
+    sampled_tokens: int
+    epochs: float
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    budget: int
+    budget_from: str
+    rows: list[PlanRow] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_stage(
+    mixture: Mixture,
+    stage: Stage,
+    budget: int | None = None,
+    natural: dict | None = None,
+    budget_from: str | None = None,
+) -> StagePlan:
+    """Natural and sampled tokens, share and epochs per source for one stage."""
+    natural = natural or {m.name: natural_tokens(mixture.sources[m.name]) for m in stage.mix}
+    if budget is None and stage.tokens is None:
+        budget, source = sum(natural[m.name] for m in stage.mix), "natural total (no budget)"
+    elif budget is None:
+        budget, source = stage.tokens, f"stages.{stage.name}.tokens"
+    else:
+        source = budget_from or "the caller"
+    plan = StagePlan(stage.name, int(budget), source)
+    for name, share in shares(stage, natural).items():
+        sampled = int(round(share * budget))
+        epochs = sampled / natural[name] if natural[name] else float("inf")
+        plan.rows.append(
+            PlanRow(stage.name, name, mixture.sources[name], natural[name], share, sampled, epochs)
+        )
+        if epochs > mixture.max_epochs:
+            plan.warnings.append(
+                f"stage {stage.name}: source {name} would be repeated {epochs:.1f} times "
+                f"(> max_epochs={mixture.max_epochs:g})"
+            )
+    return plan
