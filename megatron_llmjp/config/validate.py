@@ -109,16 +109,7 @@ def validate_static(cfg: RunConfig) -> None:
             raise ConfigError("data.mixture and data.synthetic=true are exclusive")
         from megatron_llmjp.data.mixture import load_mixture
 
-        mixture = load_mixture(d.mixture)
-        stage = mixture.stage(d.stage)
-        for m in stage.mix:
-            prefix = mixture.sources[m.name]
-            for ext in (".bin", ".idx"):
-                if not Path(prefix + ext).is_file():
-                    raise ConfigError(
-                        f"{d.mixture}: source {m.name}: {prefix}{ext} not found (cwd: "
-                        f"{Path.cwd()}); build it with llmjp-preprocess"
-                    )
+        load_mixture(d.mixture).stage(d.stage)  # the datasets are checked at launch
     elif d.stage is not None:
         raise ConfigError(f"data.stage={d.stage!r} needs data.mixture")
     elif t.eval_interval:

@@ -155,6 +155,19 @@ def natural_tokens(prefix: str) -> int:
     return int(dataset.sequence_lengths.sum(dtype=np.int64))
 
 
+def check_datasets(path: str | Path, stage_name: str | None) -> None:
+    """Every dataset the stage samples from exists (both files), else name the missing one."""
+    mixture = load_mixture(path)
+    for m in mixture.stage(stage_name).mix:
+        prefix = mixture.sources[m.name]
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                raise ConfigError(
+                    f"{path}: source {m.name}: {prefix}{ext} not found (cwd: {Path.cwd()}); "
+                    "build it with llmjp-preprocess"
+                )
+
+
 def shares(stage: Stage, natural: dict[str, int]) -> dict[str, float]:
     """Each source's share of the stage's sampled tokens (sums to 1)."""
     fixed = {m.name: m.weight for m in stage.mix if m.weight is not None}

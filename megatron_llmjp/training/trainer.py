@@ -49,6 +49,10 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
                 f"parallel.cp={layout.cp}: context parallelism needs Transformer Engine "
                 "attention, which needs CUDA (run it on GPU nodes)"
             )
+    if cfg.data.mixture is not None:
+        from megatron_llmjp.data.mixture import check_datasets
+
+        check_datasets(cfg.data.mixture, cfg.data.stage)
     return Preflight(layout, plan_resume(cfg, layout))
 
 

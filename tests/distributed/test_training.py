@@ -164,6 +164,13 @@ def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
     """The README's main job through torchrun (4 processes, TP2 x PP2 x EP2), shortened, then
     launched again with more iterations: the second launch resumes from the first's checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The documented data command, into this test's directory; the mixture points there.
+    data = tmp_path / "data"
+    build = [sys.executable, "tools/data/quickstart_corpus.py", "--out", str(data)]
+    subprocess.run(build, cwd=REPO, check=True, capture_output=True, timeout=600)
+    mixture = tmp_path / "mixture.yaml"
+    text = (REPO / "configs/mixtures/quickstart.yaml").read_text()
+    mixture.write_text(text.replace("runs/data/quickstart", str(data)))
 
     def launch(iters: int) -> subprocess.CompletedProcess:
         cmd = [
@@ -186,6 +193,8 @@ def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
             "logging.interval=1",
             f"checkpoint.dir={tmp_path / 'ckpt'}",
             "checkpoint.interval=3",
+            f"data.mixture={mixture}",
+            "train.eval_interval=3",
         ):
             cmd += ["--set", o]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -196,6 +205,7 @@ def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6
     assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["valid_loss"] < records[2]["valid_loss"]
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*")) == [
         "iter_0000003",
         "iter_0000006",
