@@ -2,7 +2,7 @@
 
 Memory is the total the driver reports (``nvidia-smi``), not the marketing figure; bandwidths
 are per GPU and per direction. The inter-node figure belongs to the reference node named in
-``node``: change it with ``--ib-gbps`` for another cluster.
+``node``: check it against your cluster and change it with ``--ib-gbps``.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def static_memory(
                     continue
                 size = buffer_size(sums[expert], group, dist, bucket)
                 numel = size.numel
-                mine = numel // group if dist else n
+                mine = numel // group if dist and group > 1 else n
                 exact = exact and size.exact and not (dist and group > 1)
             params += n
             weights += (numel if dist else n) * p_bytes

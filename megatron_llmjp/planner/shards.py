@@ -44,12 +44,40 @@ def _ceil(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-@lru_cache(maxsize=4096)
 def layer_params(m: ModelConfig, tp: int, ep: int, etp: int, te: bool = False) -> tuple[Param, ...]:
     """One transformer layer's tensors on one rank, in registration order, names relative to
     ``decoder.layers.N.``."""
-    h, d = m.hidden_size, m.kv_channels
-    nq, ng = m.num_attention_heads, m.num_query_groups
+    return _layer_params(
+        m.hidden_size,
+        m.kv_channels,
+        m.num_attention_heads,
+        m.num_query_groups,
+        m.qk_layernorm,
+        m.ffn_hidden_size if not m.is_moe else None,
+        m.num_experts if m.is_moe else None,
+        m.moe_ffn_hidden_size if m.is_moe else None,
+        tp,
+        ep,
+        etp,
+        te,
+    )
+
+
+@lru_cache(maxsize=4096)  # ModelConfig is unhashable: cache on the fields that matter
+def _layer_params(
+    h: int,
+    d: int,
+    nq: int,
+    ng: int,
+    qk_layernorm: bool,
+    ffn: int | None,
+    experts: int | None,
+    moe_ffn: int | None,
+    tp: int,
+    ep: int,
+    etp: int,
+    te: bool,
+) -> tuple[Param, ...]:
     out: list[Param] = []
 
     def add(name: str, numel: int, expert: bool = False) -> None:
@@ -61,13 +89,13 @@ def layer_params(m: ModelConfig, tp: int, ep: int, etp: int, te: bool = False) -
     if te:
         add("self_attention.linear_qkv.layer_norm_weight", h)
     add("self_attention.linear_qkv.weight", (nq + 2 * ng) * d * h // tp)
-    if m.qk_layernorm:
+    if qk_layernorm:
         add("self_attention.q_layernorm.weight", d)
         add("self_attention.k_layernorm.weight", d)
-    if m.is_moe:
+    if experts is not None:
         add("pre_mlp_layernorm.weight", h)
-        add("mlp.router.weight", m.num_experts * h)
-        f, local, is_ep = m.moe_ffn_hidden_size // etp, m.num_experts // ep, ep > 1
+        add("mlp.router.weight", experts * h)
+        f, local, is_ep = moe_ffn // etp, experts // ep, ep > 1
         if te:  # TEGroupedMLP: all fc1 weights, then all fc2 weights
             for e in range(local):
                 add(f"mlp.experts.linear_fc1.weight{e}", 2 * f * h, is_ep)
@@ -78,7 +106,7 @@ def layer_params(m: ModelConfig, tp: int, ep: int, etp: int, te: bool = False) -
                 add(f"mlp.experts.local_experts.{e}.linear_fc1.weight", 2 * f * h, is_ep)
                 add(f"mlp.experts.local_experts.{e}.linear_fc2.weight", h * f, is_ep)
     else:
-        f = m.ffn_hidden_size // tp
+        f = ffn // tp
         if te:
             add("mlp.linear_fc1.layer_norm_weight", h)
         else:
@@ -121,7 +149,9 @@ def chunk_params(m: ModelConfig, layout: Layout, chunk: Chunk, te: bool = False)
     tied_pp = m.tie_word_embeddings and layout.pp > 1
     out: list[Param] = []
     if chunk.first:
-        out.append(Param("embedding.word_embeddings.weight", vocab // layout.tp * h, False, tied_pp))
+        out.append(
+            Param("embedding.word_embeddings.weight", vocab // layout.tp * h, False, tied_pp)
+        )
     layer = layer_params(m, layout.tp, layout.ep, layout.etp, te)
     for i in range(chunk.num_layers):
         out += [Param(f"decoder.layers.{i}.{p.name}", p.numel, p.expert) for p in layer]
@@ -132,7 +162,9 @@ def chunk_params(m: ModelConfig, layout: Layout, chunk: Chunk, te: bool = False)
     return out
 
 
-def bucket_size(layout: Layout, overlap_grad_reduce: bool, pp_rank: int, chunk_index: int):
+def bucket_size(
+    layout: Layout, overlap_grad_reduce: bool, pp_rank: int, chunk_index: int
+) -> int | None:
     """megatron's DDP bucket size in elements, or None for one bucket per buffer: buckets only
     with overlapped reduction, and only on pipeline rank 0's first chunk (max(40M, 1M * dp))."""
     if not overlap_grad_reduce or pp_rank > 0 or chunk_index > 0:
@@ -214,9 +246,8 @@ def chunk_sums(m: ModelConfig, layout: Layout, chunk: Chunk) -> dict[bool, Group
     layer = layer_params(m, layout.tp, layout.ep, layout.etp)
     out = {}
     for expert in (False, True):
-        sel = [p for p in layer if p.expert == expert]
-        n = chunk.num_layers * sum(p.numel for p in sel)
-        padded = chunk.num_layers * sum(_ceil(p.numel, PARAM_ALIGN) for p in sel)
+        n, padded = _layer_sums(layer, expert)
+        n, padded = n * chunk.num_layers, padded * chunk.num_layers
         shared: list[int] = []
         if not expert:
             ends = chunk_params(m, layout, Chunk(chunk.first, chunk.last, 0))
@@ -228,6 +259,12 @@ def chunk_sums(m: ModelConfig, layout: Layout, chunk: Chunk) -> dict[bool, Group
                     padded += _ceil(p.numel, PARAM_ALIGN)
         out[expert] = GroupSums(n, padded, tuple(shared))
     return out
+
+
+@lru_cache(maxsize=4096)
+def _layer_sums(layer: tuple[Param, ...], expert: bool) -> tuple[int, int]:
+    sel = [p for p in layer if p.expert == expert]
+    return sum(p.numel for p in sel), sum(_ceil(p.numel, PARAM_ALIGN) for p in sel)
 
 
 def sums_of(params: list[Param]) -> GroupSums:
