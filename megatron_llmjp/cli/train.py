@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done (or saved and stopped on an exit signal), 2 bad config or checkpoint,
-    3 stopped on a non-finite step, 4 a peer rank crashed or hung."""
+    3 stopped on a non-finite step, 4 a peer rank crashed or hung, 5 the preflight failed."""
     args = parse_args(argv)
     from megatron_llmjp.parallel.dist import discover_ranks
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank == 0:
             print(f"llmjp-train: error: {e}", file=sys.stderr)
         return 2
+    from megatron_llmjp.parallel.preflight import PreflightError
     from megatron_llmjp.training.faults import NonFiniteError, PeerFailure
     from megatron_llmjp.training.trainer import run
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank == 0:
             print(f"llmjp-train: error: {e}", file=sys.stderr)
         return 2
+    except PreflightError as e:  # every rank raises the same verdict
+        if info.rank == 0:
+            print(f"llmjp-train: error: {e}", file=sys.stderr, flush=True)
+        return 5
     except NonFiniteError as e:
         if info.rank == 0:
             print(f"llmjp-train: stopped: {e}", file=sys.stderr)

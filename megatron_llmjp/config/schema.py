@@ -82,6 +82,13 @@ class ParallelConfig:
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    preflight: bool = False
+    """Before training, time all-reduces per node, per rail and over the world, print the bus
+    bandwidths and stop (exit 5) naming a slow or broken group."""
+    preflight_min_busbw_gbps: float = 0.0
+    """Absolute floor for every preflight group in GB/s (0: only the relative check)."""
+    preflight_rel_tolerance: float = 0.5
+    """A preflight group fails below this fraction of the median of its kind."""
     timeout_minutes: float = 10.0
     """Collective timeout: a rank that stops answering (hung or dead) turns into an error on
     the others instead of a hang. Must cover the slowest collective, e.g. a checkpoint save."""
@@ -203,6 +210,9 @@ class LoggingConfig:
     interval: int = 1
     """Log every N iterations to stdout, ``metrics.jsonl`` and TensorBoard."""
     tensorboard: bool = True
+    gpu_telemetry: bool = True
+    """Per-rank GPU utilisation, memory, power, temperature and throttling via NVML at the
+    logging interval (one info line and nothing else where NVML is missing)."""
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,4 @@
-"""``llmjp-launch``: turn a run config into a PBS/SLURM job script (or a local mpirun) and submit it.
+"""``llmjp-launch``: a run config as a PBS/SLURM job script (or a local mpirun), then submitted.
 
 ``plan`` validates everything that can be checked on the submitting host (flags, walltime,
 container, the config and its parallel layout at the requested world size, data paths) and

@@ -33,7 +33,8 @@ CLUSTER_ENV = {
     # that the default (2^18, about 1 s) turns into job failures at hundreds of ranks.
     "NCCL_IB_TIMEOUT": "23",
     "NCCL_DEBUG": "WARN",
-    # 192 cores / 8 ranks on an ABCI 3.0 rt_HF node; bounds CPU-side thread pools per rank.
+    # CPU thread pools per rank: 8 ranks x 8 threads leave most of an rt_HF node's 192 cores
+    # to data loading, NCCL proxies and checkpoint writers.
     "OMP_NUM_THREADS": "8",
     "PYTHONUNBUFFERED": "1",
 }
@@ -127,6 +128,7 @@ class Plan:
 _WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@%=-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SCHEDULER_WORD = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def parse_walltime(text: str) -> int:
@@ -195,6 +197,14 @@ def _check_flags(req: LaunchRequest) -> None:
                 "local": "a local run is not scheduled",
             }[s]
             raise LaunchError(f"{flag} does not apply to --scheduler {s} ({hint})")
+    for flag, value in (
+        ("--project", req.project),
+        ("--queue", req.queue),
+        ("--account", req.account),
+        ("--partition", req.partition),
+    ):
+        if value is not None and not _SCHEDULER_WORD.match(value):
+            raise LaunchError(f"{flag} {value!r}: expected letters, digits and _.- only")
     if s == "pbs" and not req.project:
         raise LaunchError("--project is required with --scheduler pbs (the ABCI group, qsub -P)")
     if s != "local" and req.walltime is None:
@@ -294,6 +304,12 @@ def make_plan(req: LaunchRequest) -> Plan:
 
     cfg = build_config(req.config, list(req.overrides), req.output_dir)
     world = req.nodes * req.gpus_per_node
+    tp = cfg.parallel.tp
+    if tp >= 1 and req.gpus_per_node % tp:
+        raise LaunchError(
+            f"--gpus-per-node {req.gpus_per_node} is not a multiple of parallel.tp={tp}: "
+            "a tensor-parallel group must stay inside one node (NVLink)"
+        )
     try:
         layout = make_layout(cfg.parallel, cfg.model, cfg.train, world)
     except LayoutError as e:
@@ -301,11 +317,6 @@ def make_plan(req: LaunchRequest) -> Plan:
             f"--nodes {req.nodes} x --gpus-per-node {req.gpus_per_node} = {world} ranks do not "
             f"fit the config: {e}"
         ) from None
-    if req.gpus_per_node % layout.tp:
-        raise LaunchError(
-            f"--gpus-per-node {req.gpus_per_node} is not a multiple of parallel.tp={layout.tp}: "
-            "a tensor-parallel group must stay inside one node"
-        )
 
     out = Path(cfg.output_dir).expanduser()
     output_dir = (out if out.is_absolute() else workdir / out).resolve()
@@ -324,10 +335,8 @@ def make_plan(req: LaunchRequest) -> Plan:
     elif req.binds:
         raise LaunchError("--bind needs --container (binds are container mounts)")
 
-    if req.scheduler == "local" and container is None:
-        env = dict(LOCAL_ENV)
-    else:
-        env = dict(CLUSTER_ENV)
+    on_cpu_here = req.scheduler == "local" and container is None
+    env = dict(LOCAL_ENV if on_cpu_here else CLUSTER_ENV)
     if container is not None:
         env["PYTHONPATH"] = str(PACKAGE_ROOT)
     env.update(_parse_env(req.env))
@@ -366,4 +375,3 @@ def find_tool(name: str) -> str | None:
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return shutil.which(name)
-

@@ -125,12 +125,14 @@ def set_rendezvous(info: RankInfo, env: dict | None = None) -> tuple[str, int, s
             addr, port = exchanged
             env["MASTER_ADDR"], env["MASTER_PORT"] = addr, str(port)
             if info.rank == 0:
-                print(f"[llmjp] rendezvous at {addr}:{port} (rank 0, shared via mpi4py)", flush=True)
+                print(
+                    f"[llmjp] rendezvous at {addr}:{port} (rank 0, shared via mpi4py)", flush=True
+                )
             return addr, port, "mpi4py"
         local = _ranks_on_this_host(info, env)
         if local is None or local < info.world_size:
             raise ConfigError(
-                f"MASTER_ADDR is not set and mpi4py is not installed: {info.world_size} ranks "
+                f"MASTER_ADDR is not set and mpi4py is not usable: {info.world_size} ranks "
                 f"started by {info.source} (on more than one host, or an unknown number) cannot "
                 "agree on a rendezvous address. Install mpi4py (pip install mpi4py), or export "
                 "MASTER_ADDR (the first host of the allocation) and MASTER_PORT to every rank, "
@@ -145,13 +147,13 @@ def _exchange_with_mpi() -> tuple[str, int] | None:
     """Rank 0's address and a free port, broadcast over MPI_COMM_WORLD; None without mpi4py.
 
     MPI is finalised again right after (when this call initialised it): the trainer talks
-    through torch.distributed only, and a live MPI library in the process would be inherited
-    by the processes that checkpointing forks.
+    through torch.distributed only, and a live MPI library would be inherited by the processes
+    the trainer starts (asynchronous checkpoint writers).
     """
     initialised_here = "mpi4py.MPI" not in sys.modules
     try:
         from mpi4py import MPI
-    except ImportError:
+    except (ImportError, RuntimeError):  # not installed, or no MPI library for it to load
         return None
     comm = MPI.COMM_WORLD
     hosts = comm.allgather(socket.gethostname())

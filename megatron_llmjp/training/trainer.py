@@ -368,6 +368,13 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
     monitor = FaultMonitor.create(cfg.fault, info.rank, info.world_size)
     queue = None
     try:
+        if cfg.parallel.preflight:
+            from megatron_llmjp.parallel.preflight import run_preflight
+
+            run_preflight(
+                min_busbw_gbps=cfg.parallel.preflight_min_busbw_gbps,
+                rel_tolerance=cfg.parallel.preflight_rel_tolerance,
+            )
         seed_everything(cfg.train.seed)
         state = _build(cfg, layout)
         progress = Progress()
@@ -382,6 +389,13 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         if info.rank == 0:
             dump_yaml(cfg, out / "config.yaml")
         writer = MetricsWriter(out, tensorboard=cfg.logging.tensorboard) if is_logger else None
+        from megatron_llmjp.telemetry.gpu import TelemetryLogger
+
+        telemetry = TelemetryLogger.create(  # every rank samples its GPU; one rank writes
+            log_rank=info.world_size - 1,
+            tensorboard_dir=out / "tensorboard" if cfg.logging.tensorboard else None,
+            enabled=cfg.logging.gpu_telemetry,
+        )
         if is_logger:
             print(f"[llmjp] {layout.describe()} model={cfg.model.name}", flush=True)
         history: list[dict] = []
@@ -428,9 +442,10 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             if every and ((step + 1) % every == 0 or step + 1 == cfg.train.iters):
                 record["valid_loss"] = evaluate(state, cfg)
             history.append(record)
-            if writer and (
-                (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters or stop
-            ):
+            log_now = (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters
+            if log_now or stop:
+                record.update(telemetry.collect(step + 1))  # collective: every rank calls it
+            if writer and (log_now or stop):
                 writer.write(record)
             interval = cfg.checkpoint.interval
             if save and (stop or (interval and progress.iteration % interval == 0)):
@@ -448,6 +463,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             queue = None
         if writer:
             writer.close()
+        telemetry.close()
         if result.stopped_by and is_logger:
             print(
                 f"[llmjp] stopped after step {progress.iteration} on {result.stopped_by}",
