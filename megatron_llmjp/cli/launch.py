@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from megatron_llmjp.cli import add_overrides
 from megatron_llmjp.config.loader import ConfigError
 from megatron_llmjp.launch.jobscript import (
     DRY_RUN_JOB_ID,
@@ -60,14 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--container", metavar="IMAGE.sif", help="SingularityCE image (pbs/slurm)")
     p.add_argument("--config", help="YAML run config, as for llmjp-train")
     p.add_argument("--output-dir", help="run directory (overrides output_dir)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted config override passed to llmjp-train, repeatable",
-    )
+    add_overrides(p, "dotted config override passed to llmjp-train, repeatable")
     p.add_argument("--walltime", metavar="HH:MM:SS", help="time limit (pbs/slurm)")
     p.add_argument("--project", help="PBS group (qsub -P)")
     p.add_argument("--queue", help="PBS queue (default rt_HF; a reservation id for reserved nodes)")

@@ -19,6 +19,7 @@ import json
 import sys
 from typing import TextIO
 
+from megatron_llmjp.cli import add_overrides
 from megatron_llmjp.config.loader import ConfigError, build_config
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.models.params import count_parameters
@@ -58,14 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", help="registry model name (or use --config)")
     p.add_argument("--config", help="a training config (YAML), as given to llmjp-train")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted config override, repeatable (as llmjp-train)",
-    )
+    add_overrides(p, "dotted config override, repeatable (as llmjp-train)")
     p.add_argument("--nodes", type=int, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--world", type=int, help="total GPUs instead of --nodes")

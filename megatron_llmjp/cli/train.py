@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from megatron_llmjp.cli import add_overrides
 from megatron_llmjp.config.loader import ConfigError, build_config
 
 
@@ -20,14 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, repeatable, e.g. --set parallel.tp=2 --set train.iters=20",
-    )
+    add_overrides(p, "dotted override, repeatable, e.g. --set parallel.tp=2 --set train.iters=20")
     return p.parse_args(argv)
 
 

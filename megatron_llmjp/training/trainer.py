@@ -146,6 +146,24 @@ def _loss_func(loss_mask: torch.Tensor, poison: bool, output: torch.Tensor):
     return loss_sum, n_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+def _schedule(
+    state: _State, cfg: RunConfig, micro: list[dict], *, forward_only=False, poison=False
+) -> list:
+    """One pass of megatron-core's pipeline schedule over ``micro``; returns the per-microbatch
+    loss dicts (on the last pipeline stage)."""
+    n_chunks = len(state.model)
+    iterators = [iter(micro) for _ in range(n_chunks)]
+    return state.forward_backward(
+        forward_step_func=partial(_forward_step, cp_split=state.layout.cp > 1, poison=poison),
+        data_iterator=iterators if n_chunks > 1 else iterators[0],
+        model=state.model if n_chunks > 1 else state.model[0],
+        num_microbatches=len(micro),
+        seq_length=cfg.train.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def train_step(state: _State, cfg: RunConfig, step: int, monitor: FaultMonitor) -> dict:
     """One optimizer step; returns the step's scalars (meaningful on the last pipeline stage).
 
@@ -161,21 +179,7 @@ def train_step(state: _State, cfg: RunConfig, step: int, monitor: FaultMonitor) 
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
     micro = state.data.train.microbatches(step)
-    n_chunks = len(state.model)
-    iterators = [iter(micro) for _ in range(n_chunks)]
-    losses = state.forward_backward(
-        forward_step_func=partial(
-            _forward_step,
-            cp_split=state.layout.cp > 1,
-            poison=monitor.injected("nan_loss", step + 1),
-        ),
-        data_iterator=iterators if n_chunks > 1 else iterators[0],
-        model=state.model if n_chunks > 1 else state.model[0],
-        num_microbatches=len(micro),
-        seq_length=cfg.train.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
-        forward_only=False,
-    )
+    losses = _schedule(state, cfg, micro, poison=monitor.injected("nan_loss", step + 1))
     if monitor.injected("nan_grad", step + 1):
         poison_grads(state.model)
     totals = torch.zeros(2, dtype=torch.float64)
@@ -268,23 +272,13 @@ def evaluate(state: _State, cfg: RunConfig) -> float:
     """Mean per-token loss on the held-out batches (collective; the same samples each time)."""
     from megatron.core import parallel_state as ps
 
-    n_chunks = len(state.model)
     totals = torch.zeros(2, dtype=torch.float64)
     for m in state.model:
         m.eval()
     try:
         for i in range(cfg.train.eval_iters):
             micro = state.data.valid.microbatches(i)
-            iterators = [iter(micro) for _ in range(n_chunks)]
-            losses = state.forward_backward(
-                forward_step_func=partial(_forward_step, cp_split=state.layout.cp > 1),
-                data_iterator=iterators if n_chunks > 1 else iterators[0],
-                model=state.model if n_chunks > 1 else state.model[0],
-                num_microbatches=len(micro),
-                seq_length=cfg.train.seq_length,
-                micro_batch_size=cfg.train.micro_batch_size,
-                forward_only=True,
-            )
+            losses = _schedule(state, cfg, micro, forward_only=True)
             if ps.is_pipeline_last_stage(ignore_virtual=True):
                 for out in losses:
                     totals += out["lm loss"].detach().to("cpu", torch.float64)

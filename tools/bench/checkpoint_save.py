@@ -11,42 +11,21 @@ step time, and prints the ratios. Both runs also train without saving for refere
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from _train import torchrun_train
+
 BLOCKED = re.compile(r"training blocked ([0-9.]+) s")
 
 
 def run(world: int, overrides: list[str], out: Path) -> tuple[list[float], float, float]:
     """(blocked seconds per save, median step time, checkpoint MiB)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(world),
-        "--master-port",
-        "29733",
-        "-m",
-        "megatron_llmjp.cli.train",
-        "--output-dir",
-        str(out),
-    ]
-    for item in overrides:
-        cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
-    blocked = [float(x) for x in BLOCKED.findall(proc.stdout)]
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stdout, records = torchrun_train(world, overrides, out, port=29733)
+    blocked = [float(x) for x in BLOCKED.findall(stdout)]
     step = statistics.median(r["step_time"] for r in records[1:])
     size = sum(p.stat().st_size for p in out.rglob("iter_*/*") if p.is_file())
     saves = max(1, len(list(out.glob("ckpt/iter_*"))))

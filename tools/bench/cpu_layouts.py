@@ -11,15 +11,13 @@ speed-up: the figures are for spotting regressions, and the ratio is what to com
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from _train import torchrun_train
+
 LAYOUTS = {
     "single": (1, []),
     "tp2": (2, ["parallel.tp=2"]),
@@ -32,26 +30,7 @@ LAYOUTS = {
 
 
 def run_layout(world: int, overrides: list[str], base: list[str], out: Path) -> float:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(world),
-        "--master-port",
-        "29731",
-        "-m",
-        "megatron_llmjp.cli.train",
-        "--output-dir",
-        str(out),
-    ]
-    for item in base + overrides:
-        cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    _, records = torchrun_train(world, base + overrides, out, port=29731)
     return statistics.median(r["step_time"] for r in records[2:])
 
 
