@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +76,9 @@ class SpecialIds:
     eod: int
 
 
-def _is_llmjp4(vocab_size: int, id_to_piece) -> bool:
+def _is_llmjp4(vocab_size: int, id_to_piece: Callable[[int], str]) -> bool:
+    """196,608 entries and either name set at ids 1/2/4/6: the .model's own names (which a
+    conversion of the .model to tokenizer.json keeps) or the released HF names."""
     if vocab_size != LLMJP4_VOCAB_SIZE:
         return False
     ids = [i for i, _, _ in LLMJP4_SPECIAL_IDS.values()]
@@ -119,8 +121,7 @@ class Tokenizer(ABC):
         if not p.exists():
             raise FileNotFoundError(
                 f"tokenizer not found: {str(path)!r} (expected a SentencePiece .model file, a "
-                f"Hugging Face {HF_TOKENIZER_FILE}, or a directory containing one; config key "
-                "data.tokenizer)"
+                f"Hugging Face {HF_TOKENIZER_FILE}, or a directory containing one)"
             )
         if backend == "auto":
             if p.is_dir():
@@ -131,8 +132,8 @@ class Tokenizer(ABC):
             else:
                 backend = "hf" if p.suffix == ".json" else "sentencepiece"
         if backend == "hf":
-            return HFTokenizer.from_path(p)
-        return SentencePieceTokenizer.from_path(p)
+            return HFTokenizer.load(p)
+        return SentencePieceTokenizer.load(p)
 
     # --- the interface ---------------------------------------------------------------------
 
@@ -246,7 +247,7 @@ class SentencePieceTokenizer(Tokenizer):
         super().__init__(model_file, ids, is_llmjp4)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str]) -> SentencePieceTokenizer:
+    def load(cls, path: str | os.PathLike[str]) -> SentencePieceTokenizer:
         """Load from a ``.model`` file or a directory containing exactly one ``*.model``."""
         model_file = _resolve_model_file(Path(path))
         sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -338,7 +339,7 @@ class HFTokenizer(Tokenizer):
         super().__init__(path, ids, is_llmjp4)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str]) -> HFTokenizer:
+    def load(cls, path: str | os.PathLike[str]) -> HFTokenizer:
         """Load ``tokenizer.json`` (or a directory holding it) and the special-token names from
         ``tokenizer_config.json`` / ``special_tokens_map.json`` next to it."""
         p = Path(path)
