@@ -134,6 +134,14 @@ def test_weights_only_load_starts_at_zero(straight, tmp_path):
     assert not math.isclose(got["loss"][0], ref["loss"][3])
 
 
+def test_keep_last_prunes_older_saves(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    overrides = [*DENSE, f"checkpoint.dir={ckpt}", "checkpoint.interval=1"]
+    train(1, [*overrides, "checkpoint.keep_last=2", "train.iters=4"], tmp_path / "run")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000003", "iter_0000004", "latest"]
+    assert read_latest(ckpt) == 4
+
+
 # -- bad checkpoints -----------------------------------------------------------------------
 
 
