@@ -29,6 +29,7 @@ from megatron_llmjp.checkpoint.manifest import (
 from megatron_llmjp.checkpoint.store import CheckpointError
 from megatron_llmjp.config.loader import dump_yaml, to_dict
 from megatron_llmjp.config.schema import RunConfig
+from megatron_llmjp.parallel.dist import local_device
 from megatron_llmjp.parallel.layout import Layout
 
 # Distributed-optimizer state gathered into a layout-independent form at save time.
@@ -257,13 +258,9 @@ def _inner_optimizers(optimizer) -> list:
 
 
 def _agree(flag: bool) -> bool:
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=_device())
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=local_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _device():
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
 def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan: ResumePlan):

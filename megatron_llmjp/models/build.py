@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.models.params import padded_vocab_size
+from megatron_llmjp.parallel.dist import local_device
 from megatron_llmjp.parallel.layout import Layout
 
 
@@ -187,8 +188,7 @@ def build_model_chunks(cfg: RunConfig, layout: Layout) -> list[torch.nn.Module]:
             vp_stage=vp,
         )
         _mark_tensor_parallel_weights(model)
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        chunks.append(model.to(device))
+        chunks.append(model.to(local_device()))
     return chunks
 
 

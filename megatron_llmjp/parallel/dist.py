@@ -192,6 +192,11 @@ def _free_port(addr: str) -> int:
         return s.getsockname()[1]
 
 
+def local_device() -> int | str:
+    """This rank's device for tensors handed to collectives: its GPU, or "cpu" with gloo."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state as ps
 

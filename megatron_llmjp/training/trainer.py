@@ -18,7 +18,7 @@ from megatron_llmjp.checkpoint.state import Progress, ResumePlan, plan_resume
 from megatron_llmjp.config.loader import ConfigError, dump_yaml
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.parallel import cpu_compat
-from megatron_llmjp.parallel.dist import RankInfo, discover_ranks
+from megatron_llmjp.parallel.dist import RankInfo, discover_ranks, local_device
 from megatron_llmjp.parallel.layout import Layout, make_layout
 from megatron_llmjp.training.faults import (
     FaultMonitor,
@@ -129,7 +129,7 @@ def _forward_step(data_iterator, model, cp_split: bool, poison: bool = False):
         from megatron.core.utils import get_batch_on_this_cp_rank
 
         batch = get_batch_on_this_cp_rank(batch)
-    batch = {k: v.to(_device(), non_blocking=True) for k, v in batch.items()}
+    batch = {k: v.to(local_device(), non_blocking=True) for k, v in batch.items()}
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
     )
@@ -191,13 +191,13 @@ def train_step(state: _State, cfg: RunConfig, step: int, monitor: FaultMonitor) 
         step + 1,
         loss_bad=not bool(torch.isfinite(totals).all()),
         grad_bad=local_grads_nonfinite(state.model),
-        device=_device(),
+        device=local_device(),
     )
     grad_norm = None
     if verdict.apply_update:
         _, grad_norm, _ = state.optimizer.step()
     if last_stage:
-        totals = totals.to(_device())
+        totals = totals.to(local_device())
         torch.distributed.all_reduce(
             totals, group=ps.get_data_parallel_group(with_context_parallel=True)
         )
@@ -229,10 +229,6 @@ def _moe_losses(num_layers: int, num_microbatches: int) -> dict:
     }
     moe_utils.clear_aux_losses_tracker()
     return out
-
-
-def _device():
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
 def _build_data(cfg: RunConfig, progress: Progress, is_logger: bool):
@@ -286,7 +282,7 @@ def evaluate(state: _State, cfg: RunConfig) -> float:
         for m in state.model:
             m.train()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        totals = totals.to(_device())
+        totals = totals.to(local_device())
         torch.distributed.all_reduce(
             totals, group=ps.get_data_parallel_group(with_context_parallel=True)
         )
