@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
@@ -128,6 +129,11 @@ def model_section(m: ModelConfig, tp: int, experts_layout: str) -> dict:
     return out
 
 
+def parallel_section(layout: Layout) -> dict:
+    """The layout as the manifest records it (every ``Layout`` field)."""
+    return asdict(layout)
+
+
 def build_manifest(
     cfg: RunConfig,
     layout: Layout,
@@ -144,17 +150,7 @@ def build_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **progress,
         "model": model_section(cfg.model, layout.tp, experts_layout),
-        "parallel": {
-            "world": layout.world,
-            "tp": layout.tp,
-            "pp": layout.pp,
-            "vpp": layout.vpp,
-            "cp": layout.cp,
-            "ep": layout.ep,
-            "etp": layout.etp,
-            "dp": layout.dp,
-            "sequence_parallel": layout.sequence_parallel,
-        },
+        "parallel": parallel_section(layout),
         "precision": {"params_dtype": cfg.precision.dtype, "master_weights": "fp32"},
         "optimizer": {
             "saved": optimizer_saved,

@@ -22,6 +22,7 @@ from megatron_llmjp.checkpoint import store
 from megatron_llmjp.checkpoint.manifest import (
     build_manifest,
     check_model,
+    parallel_section,
     read_manifest,
     verify_files,
     write_manifest,
@@ -61,11 +62,6 @@ class ResumePlan:
     full: bool
     """Optimizer, RNG and progress too (False: weights only, start at iteration 0)."""
     source: str
-
-
-def _layout_dict(layout: Layout) -> dict:
-    d = asdict(layout)
-    return {k: d[k] for k in ("world", "tp", "pp", "vpp", "cp", "ep", "etp", "dp")}
 
 
 def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
@@ -276,10 +272,12 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     from megatron_llmjp.checkpoint import torch_adam
 
     directory = plan.directory
-    same_layout = plan.manifest["parallel"] == {
-        **plan.manifest["parallel"],
-        **_layout_dict(layout),
-    }
+    # RNG states are per rank: restorable when every size matches (sequence parallelism
+    # does not change them).
+    saved = plan.manifest["parallel"]
+    same_layout = all(
+        saved.get(k) == v for k, v in parallel_section(layout).items() if k != "sequence_parallel"
+    )
     with_rng = plan.full and same_layout
     if plan.full:
         torch_adam.prepare_for_load(optimizer)
