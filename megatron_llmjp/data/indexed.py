@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from megatron_llmjp.data.batches import SampleCursor, rank_rows
 from megatron_llmjp.data.mixture import Mixture, Stage, natural_tokens, shares
 
 
@@ -33,33 +33,12 @@ class TokenIds:
         return {"class": "TokenIds", "eod": self.eod, "pad": self.pad, "vocab": self.vocab_size}
 
 
-def rank_rows(global_batch_size: int, dp_rank: int, dp_size: int, mbs: int) -> range:
-    """Rows of the global batch owned by ``dp_rank`` (contiguous, split into microbatches)."""
-    if dp_size < 1 or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank=}, {dp_size=}")
-    if global_batch_size % (dp_size * mbs):
-        raise ValueError(
-            f"train.global_batch_size={global_batch_size} is not divisible by "
-            f"micro_batch_size*dp = {mbs}*{dp_size}"
-        )
-    per_rank = global_batch_size // dp_size
-    return range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-
-
-class DatasetBatches:
+class DatasetBatches(SampleCursor):
     """Global batches of consecutive samples of a megatron dataset, resumable by sample index."""
 
     def __init__(self, dataset, global_batch_size: int):
+        super().__init__(global_batch_size)
         self.dataset = dataset
-        self.global_batch_size = int(global_batch_size)
-        self._base_step = 0
-        self._base_samples = 0
-
-    def resume_at(self, step: int, consumed_samples: int) -> None:
-        self._base_step, self._base_samples = int(step), int(consumed_samples)
-
-    def first_sample(self, step: int) -> int:
-        return self._base_samples + (step - self._base_step) * self.global_batch_size
 
     def microbatches(
         self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int
@@ -142,12 +121,3 @@ def build_blend(
 
 def samples_for(tokens: int, seq_length: int) -> int:
     return math.ceil(tokens / seq_length)
-
-
-def sample_token_counts(dataset, indices) -> dict[int, int]:
-    """Per blended-dataset component, tokens in the given samples (for share checks)."""
-    out: dict[int, int] = {}
-    ids = np.asarray(dataset.dataset_index)[np.asarray(indices)]
-    for d in np.unique(ids):
-        out[int(d)] = int((ids == d).sum())
-    return out

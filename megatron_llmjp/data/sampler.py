@@ -106,7 +106,7 @@ def _mixture_data(cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int, 
     mbs = t.micro_batch_size
     gbs = t.global_batch_size
     train_batches = RankSampler(DatasetBatches(train, gbs), dp_rank, dp_size, mbs)
-    train_batches.resume_at(stage_start, 0)
+    train_batches.resume_at(stage_start, 0)  # the stage's first step reads its first sample
     valid_batches = None
     if valid is not None:
         valid_batches = RankSampler(DatasetBatches(valid, gbs), dp_rank, dp_size, mbs)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_llmjp.data.batches import SampleCursor, rank_rows
 from megatron_llmjp.data.tokenizer import Tokenizer
 
 TOKEN_DTYPE = np.int32
@@ -122,7 +123,7 @@ def synthetic_token_stream(
     return stream
 
 
-class GlobalBatchSampler:
+class GlobalBatchSampler(SampleCursor):
     """Global batches of ``seq_length + 1``-token windows, a pure function of the step.
 
     Window ``i`` is ``tokens[i * seq_length : i * seq_length + seq_length + 1]`` (consecutive
@@ -154,26 +155,13 @@ class GlobalBatchSampler:
                 f"train.seq_length + 1 = {seq_length + 1}; add text (data.text_files, "
                 "data.max_bytes_per_file) or lower train.seq_length"
             )
+        super().__init__(global_batch_size)
         self.tokens = tokens
         self.seq_length = int(seq_length)
-        self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
         self.num_windows = (tokens.shape[0] - 1) // self.seq_length
         self._perms: dict[int, np.ndarray] = {}
         self._offsets = np.arange(self.seq_length + 1, dtype=np.int64)
-        self._base_step = 0
-        self._base_samples = 0
-
-    def resume_at(self, step: int, consumed_samples: int) -> None:
-        """Continue a run: optimizer step ``step`` starts at sample ``consumed_samples``.
-
-        The sample order is a function of the sample index only, so a resumed run sees exactly
-        the samples an uninterrupted one would, even if ``global_batch_size`` changed."""
-        self._base_step, self._base_samples = int(step), int(consumed_samples)
-
-    def first_sample(self, step: int) -> int:
-        """Index of the first sample of ``step`` in the run's sample order."""
-        return self._base_samples + (step - self._base_step) * self.global_batch_size
 
     def _perm(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
@@ -217,27 +205,12 @@ class GlobalBatchSampler:
         """
         import torch
 
-        gbs = self.global_batch_size
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank=}, {dp_size=}")
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if gbs % dp_size:
-            raise ValueError(
-                f"train.global_batch_size={gbs} is not divisible by the data-parallel size "
-                f"{dp_size}"
-            )
-        per_rank = gbs // dp_size
-        if per_rank % micro_batch_size:
-            raise ValueError(
-                f"per-rank batch {per_rank} (train.global_batch_size={gbs} / dp={dp_size}) is "
-                f"not divisible by train.micro_batch_size={micro_batch_size}"
-            )
-        rows = self.global_batch(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        own = rank_rows(self.global_batch_size, dp_rank, dp_size, micro_batch_size)
+        rows = self.global_batch(step)[own.start : own.stop]
         seq = self.seq_length
         position_ids = torch.arange(seq, dtype=torch.int64)
         out = []
-        for i in range(0, per_rank, micro_batch_size):
+        for i in range(0, len(own), micro_batch_size):
             mb = torch.from_numpy(np.ascontiguousarray(rows[i : i + micro_batch_size]))
             out.append(
                 {
