@@ -126,18 +126,9 @@ def test_slow_node_is_named():
 
 def _surviving_results(fn, world: int, *args, timeout: float) -> dict:
     """Like ``spawn``, for a run where a rank dies on purpose: what the others returned."""
-    import multiprocessing as mp
+    from tests.helpers.spawn import start, stop
 
-    from tests.helpers.spawn import _child, free_port
-
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_child, args=(fn, r, world, port, args, queue)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
+    procs, queue = start(fn, world, *args)
     out = {}
     deadline = time.monotonic() + timeout
     try:
@@ -145,11 +136,7 @@ def _surviving_results(fn, world: int, *args, timeout: float) -> dict:
             rank, ok, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
             out[rank] = value if ok else ("crashed", value)
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop(procs, 5)
     return out
 
 

@@ -38,8 +38,9 @@ def _child(fn, rank, world, port, args, queue) -> None:
         queue.put((rank, False, traceback.format_exc()))
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """``fn(*args)`` on ranks 0..world-1; returns the per-rank results in rank order."""
+def start(fn: Callable[..., Any], world: int, *args: Any):
+    """Fork ranks 0..world-1 running ``fn(*args)``; returns (processes, result queue), where
+    each rank puts ``(rank, ok, value or traceback)``."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
@@ -48,6 +49,21 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0
     ]
     for p in procs:
         p.start()
+    return procs, queue
+
+
+def stop(procs: list, grace: float) -> None:
+    """Join the ranks, killing any still alive after ``grace`` seconds each."""
+    for p in procs:
+        p.join(timeout=grace)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
+    """``fn(*args)`` on ranks 0..world-1; returns the per-rank results in rank order."""
+    procs, queue = start(fn, world, *args)
     results: dict[int, Any] = {}
     errors = []
     try:
@@ -64,11 +80,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0
             f"within {timeout:.0f} s ({type(e).__name__})"
         )
     finally:
-        for p in procs:
-            p.join(timeout=5 if not errors else 0.1)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop(procs, 5 if not errors else 0.1)
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world)]
