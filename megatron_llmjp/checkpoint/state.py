@@ -216,11 +216,10 @@ def save_checkpoint(
                 cfg,
                 layout,
                 asdict(snapshot),
-                {},
+                store.file_sizes(tmp),
                 optimizer_saved=True,
                 experts_layout=experts_layout,
             )
-            manifest["files"] = store.file_sizes(tmp)
             write_manifest(tmp, manifest)
             if before_publish is not None:
                 before_publish(snapshot.iteration)

@@ -95,14 +95,15 @@ class FaultMonitor:
     skipped_steps: int = 0
     loss_spikes: int = 0
     _signal: str | None = None
-    _recent: deque = field(default_factory=deque)
+    _recent: deque = field(init=False)
     _previous: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=self.cfg.loss_spike_window)
 
     @classmethod
     def create(cls, cfg: FaultConfig, rank: int, world: int) -> FaultMonitor:
-        mon = cls(cfg, rank, world, parse_injections(os.environ.get(FAULT_ENV)))
-        mon._recent = deque(maxlen=cfg.loss_spike_window)
-        return mon
+        return cls(cfg, rank, world, parse_injections(os.environ.get(FAULT_ENV)))
 
     # -- signals ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
