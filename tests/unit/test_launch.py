@@ -191,7 +191,9 @@ def test_slurm_dry_run_three_nodes(tmp_path, sif, capsys):
     assert f"MASTER_PORT={master_port('1234567')}" in resolved
     cmd = _command(out)
     assert cmd.startswith("srun --nodes=3 --ntasks-per-node=8 --kill-on-bad-exit=1")
-    assert f"singularity exec --nv --bind {tmp_path / 'run'}" in cmd
+    binds = re.search(r"singularity exec --nv --bind (\S+) (\S+) python ", cmd)
+    assert binds and binds[2] == str(sif)
+    assert str(tmp_path / "run") in binds[1].split(",")
     assert cmd.endswith("--set train.global_batch_size=48")
     assert "sbatch " + str(tmp_path / "run" / "launch") in out
     assert not (tmp_path / "run").exists()
