@@ -294,6 +294,9 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         error = None
     except (Exception, CheckpointException) as e:  # re-raised below on every rank
         loaded, absent, error = None, set(), e
+    # Converted and upcycled checkpoints hold weights only: no layer ``_extra_state`` (FP8
+    # scaling state, empty without FP8), which the layers then keep at their initial value.
+    absent = {k for k in absent if not (_is_extra_state(k) and not plan.full)}
     if _agree(error is not None or bool(absent)):
         if error is not None:
             raise CheckpointError(f"{directory}: loading failed: {error}") from error
@@ -304,13 +307,18 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
             )
         raise CheckpointError(f"{directory}: loading failed on another rank (see its log)")
     for i, m in enumerate(model):
-        m.module.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+        result = m.module.load_state_dict(loaded["model"][f"chunk{i}"], strict=False)
+        wrong = [k for k in result.missing_keys if not _is_extra_state(k)]
+        wrong += result.unexpected_keys
+        if wrong:
+            raise CheckpointError(f"{directory}: state does not fit the model: {wrong[:4]}")
     if plan.full:
         optimizer.load_state_dict(loaded["optimizer"])
         torch_adam.after_load(optimizer)
         progress = Progress(**loaded["progress"])
     else:
-        optimizer.reload_model_params()
+        if optimizer is not None:
+            optimizer.reload_model_params()
         progress = Progress()
     if with_rng:
         _restore_rng(loaded["rng_state"])
@@ -323,6 +331,10 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
             flush=True,
         )
     return progress
+
+
+def _is_extra_state(key: str) -> bool:
+    return "_extra_state" in key
 
 
 def _describe(manifest: dict) -> str:

@@ -96,9 +96,42 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class PrecisionConfig:
+    """Numeric precision: BF16/FP32 and optional FP8 GEMMs (mapped onto megatron-core and
+    Transformer Engine in ``megatron_llmjp/precision/recipes.py``, validated there too)."""
+
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter and activation dtype. BF16 keeps FP32 master weights in the optimizer."""
     grad_reduce_in_fp32: bool = True
+    fp8: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
+    """FP8 recipe for the GEMMs of the transformer layers (null: no FP8; needs dtype=bf16).
+    ``delayed``: one scale per tensor from an amax history; ``tensorwise``: one scale per tensor
+    from the current amax; ``blockwise``: 1x128 blocks for activations and gradients, 128x128
+    for weights (DeepSeek-V3; Hopper+); ``mxfp8``: 32-element blocks with power-of-two scales
+    (Blackwell only with TE)."""
+    fp8_format: Literal["e4m3", "hybrid"] = "hybrid"
+    """``e4m3`` everywhere, or ``hybrid``: e4m3 forward, e5m2 for the output gradients."""
+    fp8_margin: int = 0
+    """Delayed scaling: scale = fp8_max / amax / 2**margin (headroom against growth)."""
+    fp8_interval: int = 1
+    """Delayed scaling: steps between scale updates (TE >= 1.8 ignores it; the emulated
+    backend honours it)."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: amax values remembered per tensor."""
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "max"
+    """Delayed scaling: the amax a scale is computed from, the newest or the window maximum."""
+    fp8_wgrad: bool = True
+    """False: the weight-gradient GEMM runs in higher precision (unquantised inputs)."""
+    fp8_param_gather: bool = False
+    """Keep weights in FP8 and all-gather them in FP8 (megatron's ``fp8_param``); needs
+    ``optim.use_distributed_optimizer`` and the ``te`` backend."""
+    bf16_first_layers: int = 0
+    """Keep this many transformer layers at the start of the model in BF16 (no FP8)."""
+    bf16_last_layers: int = 0
+    """Keep this many transformer layers at the end of the model in BF16 (no FP8)."""
+    fp8_backend: Literal["te", "emulated"] = "te"
+    """``te``: Transformer Engine FP8 kernels (CUDA, sm_89+). ``emulated``: the local linear
+    layers quantise their GEMM inputs to torch's float8 dtypes and back (CPU or GPU; slow, for
+    numerics studies at small scale and harness tests only)."""
 
 
 @dataclass(kw_only=True)
@@ -218,6 +251,8 @@ class LoggingConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     iters: int = 10
+    """Steps to train. 0 builds the model, loads ``checkpoint.load`` if set, saves it to
+    ``checkpoint.dir`` and stops: a shared initial checkpoint, or a re-laid-out copy."""
     seed: int = 1234
     micro_batch_size: int = 1
     global_batch_size: int = 8

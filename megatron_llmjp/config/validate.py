@@ -16,7 +16,8 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 def validate_static(cfg: RunConfig) -> None:
     """Everything checkable from the config alone; raises ``ConfigError`` naming the field."""
     m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
-    for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
+    _positive(t.iters, "train.iters", allow_zero=True)
+    for key in ("micro_batch_size", "global_batch_size", "seq_length"):
         _positive(getattr(t, key), f"train.{key}")
     for key in (
         "num_layers",
@@ -59,12 +60,12 @@ def validate_static(cfg: RunConfig) -> None:
     _positive(o.clip_grad, "optim.clip_grad", allow_zero=True)
     _positive(s.warmup_iters, "schedule.warmup_iters", allow_zero=True)
     decay_end = t.iters if s.decay_iters is None else s.decay_iters
-    if s.warmup_iters > decay_end:
+    if t.iters and s.warmup_iters > decay_end:
         raise ConfigError(
             f"schedule.warmup_iters={s.warmup_iters} is longer than the schedule "
             f"(schedule.decay_iters or train.iters = {decay_end})"
         )
-    if s.style == "wsd" and not 0 <= s.wsd_decay_iters <= decay_end - s.warmup_iters:
+    if t.iters and s.style == "wsd" and not 0 <= s.wsd_decay_iters <= decay_end - s.warmup_iters:
         raise ConfigError(
             f"schedule.wsd_decay_iters={s.wsd_decay_iters} must lie in [0, decay_iters - "
             f"warmup_iters = {decay_end - s.warmup_iters}]"

@@ -132,6 +132,13 @@ def layer_spec(cfg: RunConfig):
         num_experts=m.num_experts, qk_layernorm=m.qk_layernorm, normalization="RMSNorm"
     )
     sub = spec.submodules
+    if m.is_moe:
+        # The TE spec keeps the MoE layer's pre-MLP norm as its own module (there is no
+        # dense linear_fc1 to fuse it into); store it under the same key so checkpoints move
+        # between CPU and GPU.
+        sub.sharded_state_dict_keys_map = {
+            k: v for k, v in sub.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."
+        }
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
     if m.qk_layernorm:

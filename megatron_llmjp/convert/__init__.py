@@ -1,0 +1,1 @@
+"""Megatron <-> Hugging Face checkpoint conversion: declarative tables, one streaming driver."""
