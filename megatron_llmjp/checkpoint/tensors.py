@@ -92,7 +92,7 @@ class TensorReader:
             if isinstance(v, TensorStorageMetadata)
         }
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         """Tensor keys (objects such as ``_extra_state`` and RNG states are left out)."""
         return list(self._tensors)
 

@@ -163,6 +163,11 @@ def rules_for(model: dict) -> list[Rule]:
             "a dense model with qk_layernorm=true has no LlamaForCausalLM equivalent (Llama has "
             "no q/k norm)"
         )
+    if arch == "Qwen3MoeForCausalLM" and not model.get("qk_layernorm"):
+        raise ConversionError(
+            "Qwen3MoeForCausalLM always normalises queries and keys; this MoE model has "
+            "qk_layernorm=false and no HF equivalent"
+        )
     features = {
         "qk_layernorm": bool(model.get("qk_layernorm")),
         "untied": not model["tie_word_embeddings"],

@@ -1,0 +1,378 @@
+"""The one conversion driver: walks a mapping table layer by layer in either direction.
+
+megatron-core checkpoints store global (layout-independent) tensors, so "merging" TP/PP/VPP/EP
+shards is reading global slices through ``checkpoint.tensors.TensorReader``, and "splitting"
+for a new layout is writing global slices that megatron-core reshards on load. Every name,
+shape and dtype is planned and checked from metadata before any tensor data moves; the
+output is written under a temporary name next to the destination and renamed only after the
+parity check passed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from megatron_llmjp.checkpoint import store
+from megatron_llmjp.checkpoint.manifest import (
+    build_manifest,
+    model_section,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
+from megatron_llmjp.convert import hf_config, mappings
+from megatron_llmjp.convert.mappings import Rule
+from megatron_llmjp.convert.safetensors_io import Entry, HFReader, ShardedWriter
+from megatron_llmjp.convert.transforms import TRANSFORMS, ConversionError
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+@dataclass
+class Report:
+    """What a conversion did (printed by the CLI, asserted on by tests and benchmarks)."""
+
+    output: Path
+    tensors: int
+    bytes: int
+    seconds: float
+    parity: dict | None = None
+
+
+# -- shared plumbing -----------------------------------------------------------------------
+
+
+class _Progress:
+    """One line per update on stderr: a bar over layers, bytes and throughput."""
+
+    def __init__(self, total: int, what: str, enabled: bool):
+        self.total, self.what, self.enabled = total, what, enabled
+        self.t0, self.bytes, self.done = time.perf_counter(), 0, 0
+
+    def step(self, nbytes: int) -> None:
+        self.done += 1
+        self.bytes += nbytes
+        if not self.enabled:
+            return
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        sys.stderr.write(
+            f"\r[convert] {self.what} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{self.done}/{self.total} {self.bytes / 1e9:.2f} GB {self.bytes / 1e9 / dt:.2f} GB/s"
+        )
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@contextmanager
+def _staging(output: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory beside ``output``, renamed to it on success, removed on failure."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise ConversionError(f"--output {output} already exists (pass --force to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.rename(output, old)
+    os.rename(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _groups(rules: list[Rule], num_layers: int) -> list[tuple[str, list[Rule], int | None]]:
+    """(label, rules, layer) in file order: the model-scope rules before the first layer rule,
+    every layer, then the remaining model-scope rules."""
+    first = next(i for i, r in enumerate(rules) if r.scope != "model")
+    pre = [r for r in rules[:first] if r.scope == "model"]
+    post = [r for r in rules[first:] if r.scope == "model"]
+    per_layer = [r for r in rules if r.scope != "model"]
+    out = [("embedding", pre, None)]
+    out += [(f"layer {layer}", per_layer, layer) for layer in range(num_layers)]
+    out.append(("head", post, None))
+    return out
+
+
+def _slice_shape(rule: Rule, model: dict) -> tuple[int, ...]:
+    return mappings.global_shape(rule, model)[len(mappings.stacked(rule, model)) :]
+
+
+def _hf_shapes(rule: Rule, model: dict, dtype: torch.dtype) -> list[tuple[int, ...]]:
+    """The HF shapes of one slice, derived by running the transform on a meta tensor."""
+    split = TRANSFORMS[rule.transform][0]
+    meta = torch.empty(_slice_shape(rule, model), dtype=dtype, device="meta")
+    return [tuple(t.shape) for t in split(meta, mappings.dims_of(model))]
+
+
+def _token_ids(tokenizer: str | None) -> dict[str, int]:
+    if tokenizer is None:
+        return dict(hf_config.LLMJP4_TOKEN_IDS)
+    from megatron_llmjp.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_path(tokenizer)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def _copy_tokenizer(tokenizer: str | None, out: Path) -> None:
+    if tokenizer is None:
+        return
+    src = Path(tokenizer)
+    src_dir = src if src.is_dir() else src.parent
+    copied = [f for f in TOKENIZER_FILES if (src_dir / f).is_file()]
+    models = sorted(src_dir.glob("*.model"))
+    if not copied and not models:
+        raise ConversionError(f"--tokenizer {tokenizer}: no tokenizer files found")
+    for f in copied:
+        shutil.copy2(src_dir / f, out / f)
+    if "tokenizer.model" not in copied and models:
+        shutil.copy2(models[0], out / "tokenizer.model")
+
+
+# -- megatron -> HF ------------------------------------------------------------------------
+
+
+def _resolve_keys(rules: list[Rule], reader: TensorReader, directory: Path) -> dict[str, str]:
+    """Rule key -> key stored in the checkpoint; every stored model tensor must be claimed."""
+    stored = {k for k in reader.names() if not k.startswith("optimizer.")}
+    resolved, missing = {}, []
+    for r in rules:
+        found = [k for k in (r.mcore, *mappings.ALIASES.get(r.mcore, ())) if k in stored]
+        if found:
+            resolved[r.mcore] = found[0]
+        else:
+            missing.append(r.mcore)
+    if missing:
+        raise ConversionError(f"{directory}: checkpoint lacks tensors {missing}")
+    leftover = sorted(stored - set(resolved.values()))
+    if leftover:
+        raise ConversionError(
+            f"{directory}: tensors with no mapping (refusing to drop them): {leftover[:6]}"
+        )
+    return resolved
+
+
+def mcore_to_hf(
+    src: str | Path,
+    output: str | Path,
+    *,
+    tokenizer: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 10**9,
+    parity: bool = True,
+    parity_text: list[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Export a training checkpoint (root or ``iter_*`` directory) as an HF model directory."""
+    t0 = time.perf_counter()
+    directory = store.resolve(src, "--input")
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    model = manifest["model"]
+    rules = mappings.rules_for(model)
+    reader = TensorReader(directory)
+    keys = _resolve_keys(rules, reader, directory)
+    for r in rules:
+        info = reader.info(keys[r.mcore])
+        expected = mappings.global_shape(r, model)
+        if info.shape != expected:
+            raise ConversionError(
+                f"{directory}: {info.key} has shape {info.shape}, the manifest's model implies "
+                f"{expected}"
+            )
+    out_dtype = dtype or reader.info(keys[rules[0].mcore]).dtype
+    groups = _groups(rules, model["num_layers"])
+    entries = []
+    for _, group_rules, layer in groups:
+        for r in group_rules:
+            for index in mappings.indices(r, model, layer):
+                names = mappings.hf_names(r, index)
+                shapes = _hf_shapes(r, model, out_dtype)
+                entries += [Entry(n, s, out_dtype) for n, s in zip(names, shapes, strict=True)]
+    token_ids = _token_ids(tokenizer)
+    dims = mappings.dims_of(model)
+    with _staging(Path(output), force) as tmp:
+        writer = ShardedWriter(tmp, entries, max_shard_size)
+        bar = _Progress(len(groups), "mcore->hf", progress)
+        for _, group_rules, layer in groups:
+            requests = [
+                (r, index) for r in group_rules for index in mappings.indices(r, model, layer)
+            ]
+            tensors = reader.read_many([(keys[r.mcore], index) for r, index in requests])
+            nbytes = 0
+            for (r, index), t in zip(requests, tensors, strict=True):
+                split = TRANSFORMS[r.transform][0]
+                outs = split(t, dims)
+                for name, o in zip(mappings.hf_names(r, index), outs, strict=True):
+                    writer.write(name, o.to(out_dtype))
+                    nbytes += o.numel() * o.element_size()
+            del tensors
+            bar.step(nbytes)
+        writer.close()
+        _write_json(tmp / "config.json", hf_config.to_hf_config(model, out_dtype, token_ids))
+        _write_json(tmp / "generation_config.json", hf_config.generation_config(token_ids))
+        _copy_tokenizer(tokenizer, tmp)
+        result = None
+        if parity:
+            from megatron_llmjp.convert.parity import check_parity
+
+            result = check_parity(tmp, directory, text=parity_text)
+    return Report(Path(output), len(entries), writer.total_bytes, time.perf_counter() - t0, result)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# -- HF -> megatron ------------------------------------------------------------------------
+
+
+def _target_config(model, dtype: torch.dtype, overrides: list[str]):
+    """The run config the checkpoint is written for: the HF model plus the ``--set`` flags."""
+    from megatron_llmjp.config.loader import build_config
+    from megatron_llmjp.config.validate import validate_static
+
+    bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
+    if bad:
+        raise ConversionError(
+            f"--set {bad[0]}: the model comes from the HF config.json and cannot be overridden"
+        )
+    cfg = build_config(None, overrides)
+    precision = replace(cfg.precision, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    cfg = replace(cfg, model=model, precision=precision)
+    validate_static(cfg)
+    return cfg
+
+
+def _smallest_layout(cfg):
+    """The layout of the fewest ranks the trainer accepts for ``cfg.parallel`` (for the
+    manifest and the vocabulary padding; the stored tensors fit every layout)."""
+    from megatron_llmjp.parallel.layout import LayoutError, make_layout
+
+    p = cfg.parallel
+    base = p.tp * p.pp * p.cp
+    error = None
+    for mult in range(1, 4 * p.ep * (p.etp or p.tp) + 1):
+        try:
+            return make_layout(p, cfg.model, cfg.train, base * mult)
+        except LayoutError as e:
+            error = e
+    raise ConversionError(f"--set parallel.*: no valid layout ({error})")
+
+
+def hf_to_mcore(
+    src: str | Path,
+    output: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    dtype: torch.dtype | None = None,
+    parity: bool = True,
+    parity_text: list[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Write an HF model directory as a checkpoint root (``iter_0000000`` + ``latest``) that
+    the trainer starts from with ``checkpoint.load=OUTPUT checkpoint.load_optimizer=false``."""
+    from megatron_llmjp.checkpoint.state import Progress
+    from megatron_llmjp.config.loader import dump_yaml, to_dict
+
+    t0 = time.perf_counter()
+    src = Path(src)
+    model_cfg, hf_dtype = hf_config.model_config_from_hf(hf_config.read_hf_config(src), src)
+    out_dtype = dtype or hf_dtype
+    cfg = _target_config(model_cfg, out_dtype, list(overrides or []))
+    layout = _smallest_layout(cfg)
+    model = model_section(cfg.model, layout.tp, "sequential")
+    rules = mappings.rules_for(model)
+    reader = HFReader(src)
+    groups = _groups(rules, model["num_layers"])
+    wanted: dict[str, tuple[int, ...]] = {}
+    for _, group_rules, layer in groups:
+        for r in group_rules:
+            shapes = _hf_shapes(r, model, out_dtype)
+            for index in mappings.indices(r, model, layer):
+                wanted.update(zip(mappings.hf_names(r, index), shapes, strict=True))
+    present = set(reader.names())
+    missing = [n for n in wanted if n not in present]
+    if missing:
+        raise ConversionError(f"{src}: missing tensors {missing[:6]} ({len(missing)} in all)")
+    leftover = sorted(present - set(wanted))
+    if leftover:
+        raise ConversionError(
+            f"{src}: tensors with no mapping (refusing to drop them): {leftover[:6]}"
+        )
+    for name, shape in wanted.items():
+        found = reader.entry(name).shape
+        if found != shape:
+            raise ConversionError(
+                f"{src}/{reader.where[name]}: {name} has shape {found}, config.json implies {shape}"
+            )
+    dims = mappings.dims_of(model)
+    with _staging(Path(output), force) as tmp:
+        ckpt = tmp / store.iter_name(0)
+        writer = TensorWriter(ckpt)
+        for r in rules:
+            writer.declare(r.mcore, mappings.global_shape(r, model), out_dtype)
+        bar = _Progress(len(groups), "hf->mcore", progress)
+        total = 0
+        for _, group_rules, layer in groups:
+            slices, nbytes = [], 0
+            for r in group_rules:
+                merge = TRANSFORMS[r.transform][1]
+                for index in mappings.indices(r, model, layer):
+                    parts = [reader.read(n).to(out_dtype) for n in mappings.hf_names(r, index)]
+                    t = merge(parts, dims)
+                    slices.append((r.mcore, index, t))
+                    nbytes += t.numel() * t.element_size()
+            writer.write(slices)
+            del slices
+            total += nbytes
+            bar.step(nbytes)
+        progress_state = asdict(Progress())
+        writer.finish({"progress": progress_state, "schedule": to_dict(cfg.schedule)})
+        dump_yaml(cfg, ckpt / "config.yaml")  # before the manifest, which lists its size
+        manifest = build_manifest(
+            cfg,
+            layout,
+            progress_state,
+            store.file_sizes(ckpt),
+            optimizer_saved=False,
+            experts_layout="sequential" if cfg.model.is_moe else "none",
+        )
+        manifest["source"] = {"hf_directory": str(src.resolve())}
+        write_manifest(ckpt, manifest)
+        store.atomic_write_text(tmp / store.LATEST, "0\n")
+        result = None
+        if parity:
+            from megatron_llmjp.convert.parity import check_parity
+
+            result = check_parity(src, ckpt, text=parity_text)
+    return Report(Path(output), len(wanted), total, time.perf_counter() - t0, result)
