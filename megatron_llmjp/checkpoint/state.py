@@ -69,6 +69,8 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
     c = cfg.checkpoint
     if c.dir is not None and store.has_checkpoint(c.dir):
         directory, full, source = store.resolve(c.dir, "checkpoint.dir"), True, "checkpoint.dir"
+        if store.iteration_of(directory) == 0:
+            full = False  # saved before any step (train.iters=0): weights only, start at 0
     elif c.load is not None:
         directory, full = store.resolve(c.load, "checkpoint.load"), c.load_optimizer
         source = "checkpoint.load"
@@ -200,7 +202,10 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     torch.distributed.barrier()
-    sd = _state_dict(model, optimizer, is_loading=False, with_rng=True)
+    # Before the first step the optimizer holds no state (megatron cannot even describe it):
+    # an iteration-0 checkpoint is weights, RNG and progress only.
+    with_optimizer = optimizer is not None and progress.iteration > 0
+    sd = _state_dict(model, optimizer if with_optimizer else None, is_loading=False, with_rng=True)
     sd["progress"] = asdict(progress)
     sd["schedule"] = to_dict(cfg.schedule)
     strategy = FullyParallelSaveStrategyWrapper(
@@ -217,7 +222,7 @@ def save_checkpoint(
                 layout,
                 asdict(snapshot),
                 store.file_sizes(tmp),
-                optimizer_saved=True,
+                optimizer_saved=with_optimizer,
                 experts_layout=experts_layout,
             )
             write_manifest(tmp, manifest)
@@ -306,8 +311,12 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
                 f"{directory} lacks {len(absent)} tensors this model needs (e.g. {some})"
             )
         raise CheckpointError(f"{directory}: loading failed on another rank (see its log)")
+    from megatron.core.transformer.module import Float16Module
+
     for i, m in enumerate(model):
-        result = m.module.load_state_dict(loaded["model"][f"chunk{i}"], strict=False)
+        # Float16Module delegates to its inner module but returns no key report.
+        target = m.module.module if isinstance(m.module, Float16Module) else m.module
+        result = target.load_state_dict(loaded["model"][f"chunk{i}"], strict=False)
         wrong = [k for k in result.missing_keys if not _is_extra_state(k)]
         wrong += result.unexpected_keys
         if wrong:

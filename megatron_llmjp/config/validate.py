@@ -70,6 +70,9 @@ def validate_static(cfg: RunConfig) -> None:
             f"schedule.wsd_decay_iters={s.wsd_decay_iters} must lie in [0, decay_iters - "
             f"warmup_iters = {decay_end - s.warmup_iters}]"
         )
+    from megatron_llmjp.precision.recipes import validate_precision
+
+    validate_precision(cfg)
     _positive(cfg.logging.interval, "logging.interval")
     c, f = cfg.checkpoint, cfg.fault
     _positive(c.interval, "checkpoint.interval", allow_zero=True)

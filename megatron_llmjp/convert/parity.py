@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_llmjp.convert.transforms import ConversionError
+from megatron_llmjp.convert.transforms import ConversionError, ParityError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEXT = (
@@ -175,5 +175,5 @@ def check_parity(
         flush=True,
     )
     if not result["passed"]:
-        raise ConversionError(f"parity check failed: {result}")
+        raise ParityError(f"parity check failed: {result}")
     return result

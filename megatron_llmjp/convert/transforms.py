@@ -20,6 +20,10 @@ class ConversionError(ConfigError):
     """A conversion that cannot be done; the message names the file, key and expectation."""
 
 
+class ParityError(ConversionError):
+    """The converted model does not compute the same function as its source."""
+
+
 @dataclass(frozen=True)
 class Dims:
     """The sizes the transforms need, taken from the checkpoint manifest or HF config."""

@@ -15,8 +15,11 @@ from megatron_llmjp.parallel.dist import local_device
 from megatron_llmjp.parallel.layout import Layout
 
 
-def use_transformer_engine() -> bool:
-    """TE layers whenever CUDA and an importable Transformer Engine are present."""
+def use_transformer_engine(cfg: RunConfig | None = None) -> bool:
+    """TE layers whenever CUDA and an importable Transformer Engine are present (and ``cfg``
+    does not ask for emulated FP8, which needs megatron-core's local layers)."""
+    if cfg is not None and cfg.precision.fp8 and cfg.precision.fp8_backend == "emulated":
+        return False
     if not torch.cuda.is_available():
         return False
     try:
@@ -48,7 +51,9 @@ def transformer_config(cfg: RunConfig, layout: Layout):
     """Map our config onto megatron-core's ``TransformerConfig``."""
     from megatron.core.transformer import TransformerConfig
 
-    m, te = cfg.model, use_transformer_engine()
+    from megatron_llmjp.precision.recipes import transformer_kwargs
+
+    m, te = cfg.model, use_transformer_engine(cfg)
     bf16 = cfg.precision.dtype == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     moe: dict = {}
@@ -112,13 +117,14 @@ def transformer_config(cfg: RunConfig, layout: Layout):
         deallocate_pipeline_outputs=True,
         cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         **moe,
+        **transformer_kwargs(cfg.precision),
     )
 
 
 def layer_spec(cfg: RunConfig):
     """The GPT layer spec: Transformer Engine on GPU, megatron-core local modules on CPU."""
     m = cfg.model
-    if use_transformer_engine():
+    if use_transformer_engine(cfg):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -144,6 +150,13 @@ def layer_spec(cfg: RunConfig):
     if m.qk_layernorm:
         sub.self_attention.submodules.q_layernorm = RMSNorm
         sub.self_attention.submodules.k_layernorm = RMSNorm
+    from megatron_llmjp.precision.recipes import emulated_fp8
+
+    fp8 = emulated_fp8(cfg.precision, m.num_layers)
+    if fp8 is not None:
+        from megatron_llmjp.precision.emulated import emulated_layer_spec
+
+        spec = emulated_layer_spec(spec, fp8)
     return spec
 
 
@@ -151,7 +164,7 @@ def block_spec(cfg: RunConfig, tcfg, vp_stage: int | None):
     """The decoder-block spec of one model chunk. On CPU the final norm must be our RMSNorm as
     well (the block's default is ``WrappedTorchNorm``, which refuses sequence parallelism)."""
     spec = layer_spec(cfg)
-    if use_transformer_engine():
+    if use_transformer_engine(cfg):
         return spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,

@@ -41,6 +41,9 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
     """Checks that need the world size, the machine or the checkpoint on disk; before any
     process group exists, so bad input fails in seconds on every rank alike."""
     layout = make_layout(cfg.parallel, cfg.model, cfg.train, info.world_size)
+    from megatron_llmjp.precision.recipes import check_precision_runtime
+
+    check_precision_runtime(cfg.precision)
     if layout.cp > 1:
         from megatron_llmjp.models.build import use_transformer_engine
 
@@ -74,6 +77,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
 
     from megatron_llmjp.models.build import build_model_chunks
     from megatron_llmjp.models.init import initialize_weights
+    from megatron_llmjp.precision import recipes as precision_recipes
 
     # Expert layers with etp=1 inside a TP>1 model are plain (non-SP) linears by design.
     warnings.filterwarnings(
@@ -89,6 +93,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        **precision_recipes.ddp_kwargs(cfg.precision),
     )
     model = [
         DDP(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
@@ -108,6 +113,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
         params_dtype=tcfg.params_dtype,
         use_distributed_optimizer=o.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        **precision_recipes.optimizer_kwargs(cfg.precision),
     )
     optimizer = get_megatron_optimizer(opt_cfg, model)
     tcfg.grad_scale_func = optimizer.scale_loss
@@ -392,6 +398,9 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         result = RunResult(history, progress)
         gbs = cfg.train.global_batch_size
         tokens_per_step = gbs * cfg.train.seq_length
+        from megatron_llmjp.training.flops import ThroughputMeter
+
+        throughput = ThroughputMeter.for_run(cfg, info.world_size)
         last_saved = progress.iteration if pre.resume is not None and pre.resume.full else None
         if progress.iteration >= cfg.train.iters and is_logger:
             print(
@@ -425,6 +434,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
                 **scalars,
                 "step_time": dt,
                 "tokens_per_sec": tokens_per_step / dt,
+                **throughput.fields(dt),
             }
             if is_logger and monitor.observe_loss(step + 1, scalars["loss"]):
                 record["loss_spike"] = 1

@@ -22,8 +22,17 @@ RECIPES = {
 
 def test_every_config_is_covered():
     shipped = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")}
-    mixtures = {s for s in shipped if s.startswith("configs/mixtures/")}
-    assert shipped - {"configs/quickstart.yaml"} - mixtures == set(RECIPES)
+    others = {s for s in shipped if s.startswith(("configs/mixtures/", "configs/ablations/"))}
+    assert shipped - {"configs/quickstart.yaml"} - others == set(RECIPES)
+
+
+def test_shipped_ablations_build_every_run_config():
+    from megatron_llmjp.ablate.spec import load_spec, run_plans
+
+    for path in sorted((REPO / "configs" / "ablations").glob("*.yaml")):
+        spec = load_spec(path)
+        plans = run_plans(spec, Path("/nonexistent/ablation"))
+        assert set(plans) == {"init", *spec.variants}, path
 
 
 def test_shipped_mixtures_parse():

@@ -1,0 +1,104 @@
+"""``llmjp-convert``: training checkpoints <-> Hugging Face model directories, on CPU.
+
+Examples::
+
+    llmjp-convert mcore-to-hf --input runs/8b/checkpoints --output release/llm-jp-4-8b \\
+        --tokenizer ../shared/data/tokenizer/llm-jp-tokenizer-v4.0 --dtype bf16
+    llmjp-convert hf-to-mcore --input release/llm-jp-4-8b --output runs/cpt/init \\
+        --set parallel.tp=2 --set parallel.pp=2
+
+Any TP/PP/VPP/EP layout is read (tensors are stored globally); the output of ``hf-to-mcore``
+loads into any layout with ``checkpoint.load=OUTPUT checkpoint.load_optimizer=false``. Both
+directions stream layer by layer, write under a temporary name, and compare the logits of the
+two models on real text before renaming it into place (``--skip-parity`` for models too large
+to run). Exit status: 0 done, 2 bad input (nothing written), 3 parity check failed (nothing
+written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from megatron_llmjp.cli import add_overrides
+from megatron_llmjp.config.loader import ConfigError
+
+PROG = "llmjp-convert"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("mcore-to-hf", "export a training checkpoint as a Hugging Face model directory"),
+        ("hf-to-mcore", "import a Hugging Face model directory as a training checkpoint"),
+    ):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("--input", required=True)
+        s.add_argument("--output", required=True)
+        s.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: input's)")
+        s.add_argument("--skip-parity", action="store_true", help="skip the logits check")
+        s.add_argument("--force", action="store_true", help="replace an existing --output")
+        s.add_argument("--no-progress", action="store_true")
+        if name == "mcore-to-hf":
+            s.add_argument("--tokenizer", help="tokenizer directory to copy (and read ids from)")
+            s.add_argument("--max-shard-size", default="5GB", help="per safetensors file")
+        else:
+            add_overrides(s, "target run config, e.g. parallel.tp=2 (model.* comes from HF)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    from megatron_llmjp.convert.driver import hf_to_mcore, mcore_to_hf
+    from megatron_llmjp.convert.safetensors_io import parse_size
+    from megatron_llmjp.convert.transforms import ParityError
+
+    if args.skip_parity:
+        print(
+            f"{PROG}: warning: --skip-parity: the output is NOT checked against its source",
+            file=sys.stderr,
+        )
+    common = dict(
+        dtype=DTYPES.get(args.dtype),
+        parity=not args.skip_parity,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    try:
+        if args.command == "mcore-to-hf":
+            report = mcore_to_hf(
+                args.input,
+                args.output,
+                tokenizer=args.tokenizer,
+                max_shard_size=parse_size(args.max_shard_size),
+                **common,
+            )
+        else:
+            report = hf_to_mcore(args.input, args.output, overrides=args.overrides, **common)
+    except ParityError as e:
+        print(f"{PROG}: error: {e}; nothing written", file=sys.stderr)
+        return 3
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{PROG}: wrote {report.output} ({report.tensors} tensors, {report.bytes / 1e9:.3f} GB "
+        f"in {report.seconds:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Conversion building blocks without megatron: transforms, tables, safetensors, HF config."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from megatron_llmjp.checkpoint.store import CheckpointError
+from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
+from megatron_llmjp.convert import hf_config, mappings
+from megatron_llmjp.convert.safetensors_io import INDEX, Entry, HFReader, ShardedWriter, parse_size
+from megatron_llmjp.convert.transforms import TRANSFORMS, ConversionError, Dims
+
+DIMS = Dims(
+    vocab_size=1000, padded_vocab_size=1024, num_query_groups=2, heads_per_group=3, head_dim=4
+)
+
+
+def test_qkv_split_follows_megatron_per_group_order():
+    g, h, d, hidden = 2, 3, 4, 5
+    # Row r of the fused weight is filled with a code: group*100 + slot*10 + dim.
+    rows = [g_ * 100 + slot * 10 + i for g_ in range(g) for slot in range(h + 2) for i in range(d)]
+    fused = torch.tensor(rows, dtype=torch.float32)[:, None].expand(-1, hidden).contiguous()
+    q, k, v = TRANSFORMS["qkv"][0](fused, DIMS)
+    assert q.shape == (g * h * d, hidden) and k.shape == v.shape == (g * d, hidden)
+    # q heads of group 0 (slots 0..2), then group 1; k is slot h, v slot h+1 of each group.
+    assert q[:, 0].tolist() == [
+        g_ * 100 + s * 10 + i for g_ in range(g) for s in range(h) for i in range(d)
+    ]
+    assert k[:, 0].tolist() == [g_ * 100 + h * 10 + i for g_ in range(g) for i in range(d)]
+    assert v[:, 0].tolist() == [g_ * 100 + (h + 1) * 10 + i for g_ in range(g) for i in range(d)]
+
+
+@pytest.mark.parametrize(
+    "name,shape", [("qkv", (40, 7)), ("gate_up", (12, 7)), ("copy", (3, 4)), ("vocab", (1024, 8))]
+)
+def test_merge_inverts_split_bitwise(name, shape):
+    split, merge = TRANSFORMS[name]
+    t = torch.randn(shape)
+    if name == "vocab":
+        t[1000:] = 0  # megatron's padding rows are dropped on export and come back as zeros
+    assert torch.equal(merge(split(t, DIMS), DIMS), t)
+
+
+def test_vocab_transform_unpads_and_pads():
+    t = torch.randn(1024, 8)
+    (hf,) = TRANSFORMS["vocab"][0](t, DIMS)
+    assert hf.shape == (1000, 8) and torch.equal(hf, t[:1000])
+    with pytest.raises(ConversionError, match="larger than the padded size"):
+        TRANSFORMS["vocab"][1]([torch.zeros(1100, 8)], DIMS)
+
+
+def test_qkv_shape_mismatch_is_explained():
+    with pytest.raises(ConversionError, match=r"expected num_query_groups\*\(heads_per_group\+2\)"):
+        TRANSFORMS["qkv"][0](torch.zeros(41, 7), DIMS)
+
+
+def _model(arch="LlamaForCausalLM", **kw):
+    m = {
+        "hf_architecture": arch,
+        "num_layers": 2,
+        "hidden_size": 16,
+        "ffn_hidden_size": 24,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "head_dim": 8,
+        "vocab_size": 1000,
+        "padded_vocab_size": 1024,
+        "qk_layernorm": False,
+        "tie_word_embeddings": False,
+        "moe": None,
+    }
+    if arch == "Qwen3MoeForCausalLM":
+        m.update(
+            ffn_hidden_size=None,
+            qk_layernorm=True,
+            moe={"num_experts": 3, "moe_ffn_hidden_size": 6},
+        )
+    m.update(kw)
+    return m
+
+
+def test_tables_cover_every_hf_tensor_once():
+    for arch, per_layer in (("LlamaForCausalLM", 9), ("Qwen3MoeForCausalLM", 9 + 3 * 3)):
+        model = _model(arch)
+        rules = mappings.rules_for(model)
+        names = [
+            n
+            for r in rules
+            for layer in ([None] if r.scope == "model" else [0])
+            for i in mappings.indices(r, model, layer)
+            for n in mappings.hf_names(r, i)
+        ]
+        assert len(names) == len(set(names)) == 3 + per_layer
+        assert (
+            "model.layers.0.mlp.experts.2.down_proj.weight" in names or arch == "LlamaForCausalLM"
+        )
+
+
+def test_tables_refuse_models_without_an_hf_equivalent():
+    with pytest.raises(ConversionError, match="no LlamaForCausalLM equivalent"):
+        mappings.rules_for(_model(qk_layernorm=True))
+    with pytest.raises(ConversionError, match="always normalises queries and keys"):
+        mappings.rules_for(_model("Qwen3MoeForCausalLM", qk_layernorm=False))
+    with pytest.raises(ConversionError, match="no mapping table"):
+        mappings.rules_for(_model("GPT2LMHeadModel"))
+    tied = mappings.rules_for(_model(tie_word_embeddings=True))
+    assert "output_layer.weight" not in [r.mcore for r in tied]
+
+
+def test_sharded_writer_is_read_by_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {
+        f"t{i}": torch.randn(i + 1, 5).to(torch.bfloat16 if i % 2 else torch.float32)
+        for i in range(6)
+    }
+    entries = [Entry(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    w = ShardedWriter(tmp_path, entries, max_shard_bytes=60)
+    for n, t in tensors.items():
+        w.write(n, t)
+    w.close()
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert set(index["weight_map"]) == set(tensors) and len(w.files) > 1
+    assert index["metadata"]["total_size"] == sum(e.nbytes for e in entries)
+    for n, t in tensors.items():
+        with safe_open(str(tmp_path / index["weight_map"][n]), "pt") as f:
+            assert torch.equal(f.get_tensor(n), t)
+    r = HFReader(tmp_path)
+    assert all(torch.equal(r.read(n), t) for n, t in tensors.items())
+
+
+def test_sharded_writer_refuses_out_of_plan_tensors(tmp_path):
+    w = ShardedWriter(tmp_path, [Entry("a", (2,), torch.float32)], 100)
+    with pytest.raises(ConversionError, match="was planned"):
+        w.write("b", torch.zeros(2))
+    with pytest.raises(ConversionError, match="not written"):
+        w.close()
+
+
+def test_hf_reader_reports_damaged_directories(tmp_path):
+    entries = [Entry(f"t{i}", (4, 4), torch.float32) for i in range(3)]
+    w = ShardedWriter(tmp_path, entries, 64)
+    for e in entries:
+        w.write(e.name, torch.ones(e.shape))
+    w.close()
+    (tmp_path / INDEX).write_text("{not json")
+    with pytest.raises(ConversionError, match="corrupted index"):
+        HFReader(tmp_path)
+    (tmp_path / INDEX).write_text(
+        json.dumps(
+            {"weight_map": {"t0": "model-00001-of-00003.safetensors", "t1": "gone.safetensors"}}
+        )
+    )
+    with pytest.raises(ConversionError, match="gone.safetensors listed in .* is missing"):
+        HFReader(tmp_path)
+    single = tmp_path / "one"
+    single.mkdir()
+    (single / "model.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(ConversionError, match="not a readable safetensors file"):
+        HFReader(single)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1234") == 1234
+    with pytest.raises(ConversionError, match="--max-shard-size"):
+        parse_size("lots")
+
+
+def _section(arch):
+    from megatron_llmjp.checkpoint.manifest import model_section
+    from megatron_llmjp.models.registry import get_model
+
+    name = "llm-jp-4-32b-a3b" if arch == "moe" else "llm-jp-4-8b"
+    return model_section(get_model(name), 4, "grouped")
+
+
+@pytest.mark.parametrize("arch", ["dense", "moe"])
+def test_hf_config_matches_the_model_card_and_reads_back(arch, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    section = _section(arch)
+    cfg = hf_config.to_hf_config(section, torch.bfloat16, hf_config.LLMJP4_TOKEN_IDS)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.vocab_size == 196608 and hf.head_dim == 128 and hf.tie_word_embeddings is False
+    assert hf.rope_parameters["rope_theta"] == 500000 and hf.rms_norm_eps == 1e-6
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 4)
+    assert hf.dtype == torch.bfloat16
+    if arch == "moe":
+        assert type(hf).__name__ == "Qwen3MoeConfig"
+        assert (hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size) == (128, 8, 960)
+        assert hf.norm_topk_prob is True and hf.router_aux_loss_coef == 0.01
+        assert (hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads) == (2560, 40, 4)
+    else:
+        assert (hf.intermediate_size, hf.num_key_value_heads) == (14336, 8)
+    back, dtype = hf_config.model_config_from_hf(cfg, tmp_path)
+    assert dtype == torch.bfloat16
+    assert back.name == ("llm-jp-4-32b-a3b" if arch == "moe" else "llm-jp-4-8b")
+
+
+def test_hf_config_refusals(tmp_path):
+    base = hf_config.to_hf_config(_section("dense"), torch.float32, hf_config.LLMJP4_TOKEN_IDS)
+    for change, match in (
+        ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling"),
+        ({"torch_dtype": "int8", "dtype": None}, "torch_dtype"),
+    ):
+        with pytest.raises(ConversionError, match=match):
+            hf_config.model_config_from_hf({**base, **change}, tmp_path)
+
+
+def test_tensor_writer_reader_roundtrip_and_holes(tmp_path):
+    full = torch.randn(3, 4, 5)
+    w = TensorWriter(tmp_path / "ok")
+    w.declare("stack", full.shape, full.dtype)
+    w.declare("flat", (7,), torch.float32)
+    for layer in (2, 0, 1):
+        w.write([("stack", (layer,), full[layer])])
+    w.write([("flat", (), torch.arange(7.0))])
+    w.finish({"x": 1})
+    r = TensorReader(tmp_path / "ok")
+    assert sorted(r.names()) == ["flat", "stack"]
+    assert torch.equal(r.read("stack"), full) and torch.equal(r.read("stack", (1,)), full[1])
+    assert r.common() == {"x": 1}
+    w = TensorWriter(tmp_path / "holes")
+    w.declare("stack", full.shape, full.dtype)
+    w.write([("stack", (0,), full[0])])
+    with pytest.raises(CheckpointError, match="not completely written"):
+        w.finish()
+    with pytest.raises(CheckpointError, match="shape"):
+        w.write([("stack", (1,), torch.zeros(4, 6))])
