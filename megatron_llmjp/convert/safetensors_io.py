@@ -11,6 +11,7 @@ with ``model.safetensors.index.json`` as transformers writes it.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,15 @@ class ShardedWriter:
         self._open_index = -1
         self.total_bytes = sum(e.nbytes for e in entries)
 
-    def _open(self, i: int) -> None:
+    def _close_file(self) -> None:
         if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
+            self._file = None
+
+    def _open(self, i: int) -> None:
+        self._close_file()
         header, offset = {}, 0
         for e in self._shards[i]:
             header[e.name] = {
@@ -108,9 +115,7 @@ class ShardedWriter:
         self._pos += 1
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
         if self._pos != len(self._order):
             missing = [e.name for _, e in self._order[self._pos : self._pos + 3]]
             raise ConversionError(f"{len(self._order) - self._pos} tensors not written: {missing}")
