@@ -13,8 +13,11 @@ memory holds only the slices of the current call: converters work layer by layer
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,15 +41,54 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-def _index_chunk(shape: Sequence[int], index: Sequence[int]):
-    """The chunk of ``shape`` selected by fixing its leading axes to ``index``."""
+def _index_chunk(shape: Sequence[int], index: Sequence[int], rows: tuple[int, int] | None = None):
+    """The chunk of ``shape`` selected by fixing its leading axes to ``index`` and, with
+    ``rows=(start, stop)``, narrowing the next axis."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
     if len(index) > len(shape) or any(not 0 <= i < n for i, n in zip(index, shape, strict=False)):
         raise IndexError(f"index {tuple(index)} outside shape {tuple(shape)}")
-    offsets = (*index, *([0] * (len(shape) - len(index))))
-    sizes = (*([1] * len(index)), *shape[len(index) :])
+    offsets = [*index, *([0] * (len(shape) - len(index)))]
+    sizes = [*([1] * len(index)), *shape[len(index) :]]
+    if rows is not None:
+        start, stop = rows
+        axis = len(index)
+        if not 0 <= start < stop <= shape[axis]:
+            raise IndexError(f"rows {rows} outside axis {axis} of shape {tuple(shape)}")
+        offsets[axis], sizes[axis] = start, stop - start
     return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+
+
+class _FileView(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of an open file, as a seekable stream of its own:
+    ``torch.load`` reads one stored tensor from the middle of a checkpoint file directly into
+    its storage, with no intermediate copy."""
+
+    def __init__(self, f, offset: int, length: int):
+        self._f, self._base, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._base + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
 
 
 class _SliceLoadPlanner:
@@ -105,29 +147,34 @@ class TensorReader:
             raise CheckpointError(f"{self.directory}: no tensor {key!r} in the checkpoint")
         return self._tensors[key]
 
-    def read(self, key: str, index: Sequence[int] = ()) -> torch.Tensor:
+    def read(
+        self, key: str, index: Sequence[int] = (), rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """The global tensor ``key``, or its sub-tensor with the leading axes fixed to
-        ``index`` (e.g. ``(layer,)`` or ``(layer, expert)``)."""
-        return self.read_many([(key, tuple(index))])[0]
+        ``index`` (e.g. ``(layer,)`` or ``(layer, expert)``) and the next axis narrowed to
+        ``rows=(start, stop)``."""
+        return self.read_many([(key, tuple(index), rows)])[0]
 
-    def read_many(self, requests: Iterable[tuple[str, Sequence[int]]]) -> list[torch.Tensor]:
-        """Several slices in one pass over the files (each file opened once)."""
-        from torch.distributed.checkpoint.planner import LoadPlan
+    def read_many(self, requests: Iterable[tuple]) -> list[torch.Tensor]:
+        """Several slices (``(key, index)`` or ``(key, index, rows)``) in one pass over the
+        files, each stored tensor read once."""
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-        requests = [(k, tuple(i)) for k, i in requests]
-        per_key: dict[str, list[tuple[int, ...]]] = {}
-        for key, index in requests:
-            per_key.setdefault(key, []).append(index)
+        requests = [(r[0], tuple(r[1]), r[2] if len(r) > 2 else None) for r in requests]
+        per_key: dict[str, list] = {}
+        slots = []
+        for key, index, rows in requests:
+            chunks = per_key.setdefault(key, [])
+            slots.append((key, len(chunks), index, rows))
+            chunks.append(_index_chunk(self._md(key).size, index, rows))
         buffers: dict[tuple[str, int], torch.Tensor] = {}
         items = []
-        for key, indices in per_key.items():
+        for key, chunks in per_key.items():
             md = self._md(key)
-            chunks = [_index_chunk(md.size, i) for i in indices]
-            for n, chunk in enumerate(chunks):
+            for n, chunk in enumerate(chunks):  # untouched pages cost no memory
                 buffers[(key, n)] = torch.empty(chunk.sizes, dtype=md.properties.dtype)
             items += create_read_items_for_chunk_list(key, md, chunks)
-        covered = {}
+        covered: dict[tuple[str, int], int] = {}
         for item in items:
             k = (item.dest_index.fqn, item.dest_index.index)
             covered[k] = covered.get(k, 0) + int(torch.Size(item.lengths).numel())
@@ -138,16 +185,46 @@ class TensorReader:
                     f"{covered.get(k, 0)} of {buf.numel()} elements of the requested slice)"
                 )
         try:
-            self._reader.read_data(LoadPlan(items), _SliceLoadPlanner(buffers)).wait()
+            self._load(items, buffers)
         except (OSError, RuntimeError, EOFError, KeyError, AssertionError) as e:
             raise CheckpointError(f"{self.directory}: reading {list(per_key)} failed: {e}") from e
         out = []
-        seen: dict[str, int] = {}
-        for key, index in requests:
-            n = seen.get(key, 0)
-            seen[key] = n + 1
-            out.append(buffers[(key, n)].reshape(tuple(self._md(key).size)[len(index) :]))
+        for key, n, index, rows in slots:
+            shape = list(self._md(key).size)[len(index) :]
+            if rows is not None:
+                shape[0] = rows[1] - rows[0]
+            out.append(buffers[(key, n)].reshape(shape))
         return out
+
+    def _load(self, items: list, buffers: dict) -> None:
+        """Read ``items`` file by file in storage order. A stored tensor that is exactly one
+        requested slice becomes that slice (no second copy); others are copied into place."""
+        from torch.distributed._shard._utils import narrow_tensor_by_index as narrow
+        from torch.distributed.checkpoint.planner import LoadPlan
+
+        infos = [self._reader.storage_data[item.storage_index] for item in items]
+        if any(info.transform_descriptors for info in infos):  # compressed: torch's reader
+            self._reader.read_data(LoadPlan(items), _SliceLoadPlanner(buffers)).wait()
+            return
+        per_file: dict[str, list] = {}
+        for info, item in zip(infos, items, strict=True):
+            per_file.setdefault(info.relative_path, []).append((info.offset, info, item))
+        for path, entries in per_file.items():
+            with open(self.directory / path, "rb") as f:
+                for _, info, item in sorted(entries, key=lambda e: e[0]):
+                    stored = torch.load(
+                        _FileView(f, info.offset, info.length),
+                        map_location="cpu",
+                        weights_only=True,
+                    )
+                    src = narrow(stored, item.storage_offsets, item.lengths)
+                    k = (item.dest_index.fqn, item.dest_index.index)
+                    dest = buffers[k]
+                    if src.numel() == stored.numel() == dest.numel():
+                        buffers[k] = src.reshape(dest.shape)
+                    else:
+                        narrow(dest, item.dest_offsets, item.lengths).copy_(src)
+                    del stored, src
 
     def common(self) -> dict:
         """megatron-core's ``common.pt`` (the non-tensor part of the state)."""
@@ -155,6 +232,33 @@ class TensorReader:
         if not path.is_file():
             return {}
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for a file about to be written. Allocating blocks as writes
+    arrive is the slow part on thin-provisioned and copy-on-write disks (measured here: a
+    2 GB write took 1.4 s preallocated against 2.3 s not); harmless where unsupported."""
+    with suppress(OSError, AttributeError):
+        os.posix_fallocate(fd, 0, size)
+
+
+def _preallocating_fs():
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class PreallocatingFileSystem(FileSystem):
+        """torch's file system for checkpoint writers, reserving ``expected`` bytes per file
+        (``TensorWriter.write`` trims each file to what was written)."""
+
+        expected = 0
+
+        @contextmanager
+        def create_stream(self, path, mode):
+            with Path(path).open(mode) as stream:
+                if "w" in mode and self.expected > 0:
+                    preallocate(stream.fileno(), self.expected)
+                yield stream
+
+    return PreallocatingFileSystem()
 
 
 class _WritePlanner:
@@ -178,6 +282,7 @@ class TensorWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._writer = FileSystemWriter(str(self.directory), single_file_per_rank=True)
+        self._writer.fs = _preallocating_fs()
         self._writer.set_up_storage_writer(True)
         self._declared: dict[str, TensorInfo] = {}
         self._chunks: dict[str, list] = {}
@@ -192,8 +297,9 @@ class TensorWriter:
         self._chunks[key] = []
         self._written[key] = 0
 
-    def write(self, slices: Iterable[tuple[str, Sequence[int], torch.Tensor]]) -> None:
-        """Write ``(key, leading index, tensor)`` slices into one new file."""
+    def write(self, slices: Iterable[tuple]) -> None:
+        """Write ``(key, leading index, tensor)`` slices into one new file; a fourth element
+        ``row`` places a block of rows of the next axis at that offset."""
         from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
         from torch.distributed.checkpoint.planner import (
             SavePlan,
@@ -203,16 +309,20 @@ class TensorWriter:
         )
 
         items, data = [], {}
-        for key, index, tensor in slices:
+        for key, index, tensor, *row in slices:
             if key not in self._declared:
                 raise CheckpointError(f"tensor {key!r} was not declared")
             info = self._declared[key]
-            chunk = _index_chunk(info.shape, tuple(index))
-            if tuple(tensor.shape) != info.shape[len(index) :]:
+            expected = list(info.shape[len(index) :])
+            rows = None
+            if row:
+                rows = (row[0], row[0] + tensor.shape[0])
+                expected[0] = tensor.shape[0]
+            if tuple(tensor.shape) != tuple(expected):
                 raise CheckpointError(
-                    f"{key}{list(index)}: shape {tuple(tensor.shape)}, expected "
-                    f"{info.shape[len(index) :]}"
+                    f"{key}{list(index)}: shape {tuple(tensor.shape)}, expected {tuple(expected)}"
                 )
+            chunk = _index_chunk(info.shape, tuple(index), rows)
             if tensor.dtype != info.dtype:
                 raise CheckpointError(f"{key}: dtype {tensor.dtype}, declared {info.dtype}")
             tensor = tensor.detach().to("cpu").contiguous().reshape(chunk.sizes)
@@ -235,9 +345,23 @@ class TensorWriter:
             return
         from torch.distributed.checkpoint.filesystem import _StoragePrefix
 
+        # torch.save adds a few hundred bytes of zip records per tensor.
+        self._writer.fs.expected = sum(t.numel() * t.element_size() for t in data.values())
+        self._writer.fs.expected += 4096 * len(items)
         plan = SavePlan(items, storage_data=_StoragePrefix(f"__{self._files}_"))
         self._files += 1
-        self._results.append(self._writer.write_data(plan, _WritePlanner(data)).wait())
+        results = self._writer.write_data(plan, _WritePlanner(data)).wait()
+        ends: dict[str, int] = {}
+        for r in results:
+            info = r.storage_data
+            ends[info.relative_path] = max(
+                ends.get(info.relative_path, 0), info.offset + info.length
+            )
+        for name, end in ends.items():  # drop the unused part of the reservation
+            with open(self.directory / name, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        self._results.append(results)
 
     def finish(self, common: dict | None = None) -> None:
         """Write the metadata files; every declared tensor must be complete."""

@@ -33,7 +33,7 @@ from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
 from megatron_llmjp.convert import hf_config, mappings
 from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.safetensors_io import Entry, HFReader, ShardedWriter
-from megatron_llmjp.convert.transforms import TRANSFORMS, ConversionError
+from megatron_llmjp.convert.transforms import ROW_PREFIX, TRANSFORMS, ConversionError
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -41,6 +41,11 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
+
+
+# Model-scope tensors above this size (the embedding and output layer of a 196,608 vocabulary)
+# move in blocks of rows of about this size, so they are never held whole.
+BLOCK_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -63,22 +68,54 @@ class _Progress:
     def __init__(self, total: int, what: str, enabled: bool):
         self.total, self.what, self.enabled = total, what, enabled
         self.t0, self.bytes, self.done = time.perf_counter(), 0, 0
+        self.shown = 0.0
 
-    def step(self, nbytes: int) -> None:
-        self.done += 1
+    def step(self, nbytes: int, advance: bool = True) -> None:
+        self.done += advance
         self.bytes += nbytes
-        if not self.enabled:
+        now = time.perf_counter()
+        if not self.enabled or (not advance and now - self.shown < 0.5):
             return
-        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.shown = now
+        dt = max(now - self.t0, 1e-9)
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         sys.stderr.write(
             f"\r[convert] {self.what} [{'#' * filled}{'.' * (width - filled)}] "
             f"{self.done}/{self.total} {self.bytes / 1e9:.2f} GB {self.bytes / 1e9 / dt:.2f} GB/s"
         )
-        if self.done == self.total:
+        if self.done == self.total and advance:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+class _WriteBehind:
+    """Runs each group's writes in one background thread while the next group is read:
+    at most two groups are in memory, and reading overlaps writing (both release the GIL).
+    An error in a write is raised here, in the caller's thread."""
+
+    def __enter__(self) -> _WriteBehind:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending = None
+        return self
+
+    def submit(self, fn) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 @contextmanager
@@ -117,6 +154,29 @@ def _groups(rules: list[Rule], num_layers: int) -> list[tuple[str, list[Rule], i
     out += [(f"layer {layer}", per_layer, layer) for layer in range(num_layers)]
     out.append(("head", post, None))
     return out
+
+
+def _runs(rules: list[Rule], model: dict, dtype: torch.dtype) -> list[tuple[bool, list[Rule]]]:
+    """A group's rules in order, as (streamed in row blocks?, rules) runs."""
+    size = torch.empty((), dtype=dtype).element_size()
+    runs: list[tuple[bool, list[Rule]]] = []
+    for r in rules:
+        big = (
+            r.scope == "model"
+            and r.transform in ROW_PREFIX
+            and torch.Size(mappings.global_shape(r, model)).numel() * size > BLOCK_BYTES
+        )
+        if big or not runs or runs[-1][0]:
+            runs.append((big, [r]))
+        else:
+            runs[-1][1].append(r)
+    return runs
+
+
+def _row_blocks(shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[int, int]]:
+    row = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+    step = max(1, BLOCK_BYTES // max(row, 1))
+    return [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)]
 
 
 def _slice_shape(rule: Rule, model: dict) -> tuple[int, ...]:
@@ -220,20 +280,28 @@ def mcore_to_hf(
     with _staging(Path(output), force) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_size)
         bar = _Progress(len(groups), "mcore->hf", progress)
-        for _, group_rules, layer in groups:
-            requests = [
-                (r, index) for r in group_rules for index in mappings.indices(r, model, layer)
-            ]
-            tensors = reader.read_many([(keys[r.mcore], index) for r, index in requests])
-            nbytes = 0
-            for (r, index), t in zip(requests, tensors, strict=True):
-                split = TRANSFORMS[r.transform][0]
-                outs = split(t, dims)
-                for name, o in zip(mappings.hf_names(r, index), outs, strict=True):
-                    writer.write(name, o.to(out_dtype))
-                    nbytes += o.numel() * o.element_size()
-            del tensors
-            bar.step(nbytes)
+        with _WriteBehind() as behind:
+            for _, group_rules, layer in groups:
+                for streamed, rules_ in _runs(group_rules, model, out_dtype):
+                    if streamed:
+                        _export_rows(rules_[0], model, keys, reader, writer, behind, bar, out_dtype)
+                        continue
+                    requests = [(r, i) for r in rules_ for i in mappings.indices(r, model, layer)]
+                    tensors = reader.read_many([(keys[r.mcore], i) for r, i in requests])
+                    outputs = []
+                    for (r, index), t in zip(requests, tensors, strict=True):
+                        outs = TRANSFORMS[r.transform][0](t, dims)
+                        outputs += zip(mappings.hf_names(r, index), outs, strict=True)
+                    del tensors
+
+                    def write(outputs=outputs) -> None:
+                        for name, o in outputs:
+                            writer.write(name, o.to(out_dtype))
+                        bar.step(sum(o.numel() * o.element_size() for _, o in outputs), False)
+
+                    behind.submit(write)
+                    del outputs
+                behind.submit(lambda: bar.step(0))
         writer.close()
         _write_json(tmp / "config.json", hf_config.to_hf_config(model, out_dtype, token_ids))
         _write_json(tmp / "generation_config.json", hf_config.generation_config(token_ids))
@@ -244,6 +312,40 @@ def mcore_to_hf(
 
             result = check_parity(tmp, directory, text=parity_text)
     return Report(Path(output), len(entries), writer.total_bytes, time.perf_counter() - t0, result)
+
+
+def _export_rows(rule, model, keys, reader, writer, behind, bar, dtype) -> None:
+    """One big row-prefix tensor, read and written in blocks of rows."""
+    name = mappings.hf_names(rule, ())[0]
+    (shape,) = _hf_shapes(rule, model, dtype)
+    for a, b in _row_blocks(shape, dtype):
+        block = reader.read(keys[rule.mcore], (), (a, b))
+
+        def write(block=block) -> None:
+            writer.write_rows(name, block.to(dtype))
+            bar.step(block.numel() * block.element_size(), False)
+
+        behind.submit(write)
+        del block
+
+
+def _import_rows(rule, model, reader, writer, behind, bar, dtype) -> None:
+    """One big row-prefix tensor from HF in blocks of rows, then its zero padding rows."""
+    name = mappings.hf_names(rule, ())[0]
+    (shape,) = _hf_shapes(rule, model, dtype)
+    rows = mappings.global_shape(rule, model)[0]
+    for a, b in _row_blocks(shape, dtype):
+        block = reader.read(name, (a, b)).to(dtype)
+
+        def write(a=a, block=block) -> None:
+            writer.write([(rule.mcore, (), block, a)])
+            bar.step(block.numel() * block.element_size(), False)
+
+        behind.submit(write)
+        del block
+    if rows > shape[0]:
+        pad = torch.zeros((rows - shape[0], *shape[1:]), dtype=dtype)
+        behind.submit(lambda: writer.write([(rule.mcore, (), pad, shape[0])]))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -342,20 +444,28 @@ def hf_to_mcore(
         for r in rules:
             writer.declare(r.mcore, mappings.global_shape(r, model), out_dtype)
         bar = _Progress(len(groups), "hf->mcore", progress)
-        total = 0
-        for _, group_rules, layer in groups:
-            slices, nbytes = [], 0
-            for r in group_rules:
-                merge = TRANSFORMS[r.transform][1]
-                for index in mappings.indices(r, model, layer):
-                    parts = [reader.read(n).to(out_dtype) for n in mappings.hf_names(r, index)]
-                    t = merge(parts, dims)
-                    slices.append((r.mcore, index, t))
-                    nbytes += t.numel() * t.element_size()
-            writer.write(slices)
-            del slices
-            total += nbytes
-            bar.step(nbytes)
+        with _WriteBehind() as behind:
+            for _, group_rules, layer in groups:
+                for streamed, rules_ in _runs(group_rules, model, out_dtype):
+                    if streamed:
+                        _import_rows(rules_[0], model, reader, writer, behind, bar, out_dtype)
+                        continue
+                    slices, nbytes = [], 0
+                    for r in rules_:
+                        merge = TRANSFORMS[r.transform][1]
+                        for index in mappings.indices(r, model, layer):
+                            names = mappings.hf_names(r, index)
+                            t = merge([reader.read(n).to(out_dtype) for n in names], dims)
+                            slices.append((r.mcore, index, t))
+                            nbytes += t.numel() * t.element_size()
+
+                    def write(slices=slices, nbytes=nbytes) -> None:
+                        writer.write(slices)
+                        bar.step(nbytes, False)
+
+                    behind.submit(write)
+                    del slices
+                behind.submit(lambda: bar.step(0))
         progress_state = asdict(Progress())
         writer.finish({"progress": progress_state, "schedule": to_dict(cfg.schedule)})
         dump_yaml(cfg, ckpt / "config.yaml")  # before the manifest, which lists its size
@@ -375,4 +485,4 @@ def hf_to_mcore(
             from megatron_llmjp.convert.parity import check_parity
 
             result = check_parity(src, ckpt, text=parity_text)
-    return Report(Path(output), len(wanted), total, time.perf_counter() - t0, result)
+    return Report(Path(output), len(wanted), bar.bytes, time.perf_counter() - t0, result)

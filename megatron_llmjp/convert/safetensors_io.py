@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_llmjp.checkpoint.tensors import preallocate
 from megatron_llmjp.convert.transforms import ConversionError
 
 INDEX = "model.safetensors.index.json"
@@ -71,6 +72,7 @@ class ShardedWriter:
         self._shards = shards
         self._order = [(i, e) for i, s in enumerate(shards) for e in s]
         self._pos = 0
+        self._rows = 0  # rows of the current tensor already written
         self._file = None
         self._open_index = -1
         self.total_bytes = sum(e.nbytes for e in entries)
@@ -96,23 +98,35 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._file = open(self.directory / self.files[i], "wb")  # noqa: SIM115
+        preallocate(self._file.fileno(), 8 + len(raw) + offset)
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._open_index = i
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor whole."""
+        self.write_rows(name, tensor)
+        if self._rows:
+            raise ConversionError(f"tensor {name}: {tuple(tensor.shape)} is only part of it")
+
+    def write_rows(self, name: str, block: torch.Tensor) -> None:
+        """Write the next rows of the next planned tensor (blocks arrive in row order)."""
         if self._pos >= len(self._order):
             raise ConversionError(f"unplanned tensor {name} (all planned tensors were written)")
         i, e = self._order[self._pos]
-        if name != e.name or tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
+        rows = block.shape[0] if block.dim() else 1
+        fits = tuple(block.shape[1:]) == e.shape[1:] and self._rows + rows <= (e.shape or (1,))[0]
+        if name != e.name or block.dtype != e.dtype or not fits:
             raise ConversionError(
-                f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} arrived where "
+                f"tensor {name} {tuple(block.shape)} {block.dtype} arrived where "
                 f"{e.name} {e.shape} {e.dtype} was planned"
             )
         if i != self._open_index:
             self._open(i)
-        data = tensor.detach().contiguous().cpu().view(torch.uint8).reshape(-1)
+        data = block.detach().contiguous().cpu().view(torch.uint8).reshape(-1)
         self._file.write(data.numpy().data)
-        self._pos += 1
+        self._rows += rows
+        if self._rows == (e.shape or (1,))[0]:
+            self._pos, self._rows = self._pos + 1, 0
 
     def close(self) -> None:
         self._close_file()
@@ -147,11 +161,12 @@ class HFReader:
             raise ConversionError(f"{self.directory}: neither {INDEX} nor {SINGLE} found")
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
         self._headers: dict[str, dict] = {}
+        self._data_start: dict[str, int] = {}
         for f in files:
             path = self.directory / f
             if not path.is_file():
                 raise ConversionError(f"{self.directory}: shard {f} listed in {INDEX} is missing")
-            self._headers[f] = _read_header(path)
+            self._headers[f], self._data_start[f] = _read_header(path)
         self.where: dict[str, str] = {}
         for f, header in self._headers.items():
             for name in header:
@@ -161,7 +176,6 @@ class HFReader:
             for name, f in weight_map.items():
                 if self.where.get(name) != f:
                     raise ConversionError(f"{index}: {name} is mapped to {f}, which lacks it")
-        self._open: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -172,16 +186,28 @@ class HFReader:
             raise ConversionError(f"{self.where[name]}: {name} has unsupported dtype {h['dtype']}")
         return Entry(name, tuple(h["shape"]), _DTYPES[h["dtype"]])
 
-    def read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or its ``rows=(start, stop)``), read with plain file reads: a
+        memory map would count every page read towards this process's resident memory."""
+        e = self.entry(name)
         f = self.where[name]
-        if f not in self._open:
-            self._open[f] = safe_open(str(self.directory / f), framework="pt")
-        return self._open[f].get_tensor(name)
+        start, end = self._headers[f][name]["data_offsets"]
+        shape = list(e.shape)
+        if rows is not None:
+            row_bytes = (end - start) // max(shape[0], 1)
+            start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+            shape[0] = rows[1] - rows[0]
+        out = torch.empty(shape, dtype=e.dtype)
+        with open(self.directory / f, "rb") as fh:
+            fh.seek(self._data_start[f] + start)
+            view = out.view(torch.uint8).reshape(-1).numpy()
+            if fh.readinto(view.data) != end - start:
+                raise ConversionError(f"{self.directory / f}: truncated while reading {name}")
+        return out
 
 
-def _read_header(path: Path) -> dict:
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(header, offset of the data section)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
@@ -196,4 +222,4 @@ def _read_header(path: Path) -> dict:
         raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
     if 8 + n + end > size:
         raise ConversionError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end})")
-    return header
+    return header, 8 + n

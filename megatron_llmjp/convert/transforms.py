@@ -104,3 +104,7 @@ TRANSFORMS: dict[str, tuple[Split, Merge]] = {
     "gate_up": (_gate_up_split, _gate_up_merge),
     "vocab": (_vocab_split, _vocab_merge),
 }
+
+# Transforms whose HF tensor is the first rows of the megatron one (the remaining rows, the
+# vocabulary padding, are zeros): big tensors of these can move in blocks of rows.
+ROW_PREFIX = frozenset({"copy", "vocab"})

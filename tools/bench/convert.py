@@ -4,7 +4,7 @@ Writes a random-weight Hugging Face directory of an LLM-jp-4-8B shape narrowed t
 parameters (hidden 2048, FFN 7168, 16 heads / 8 KV heads of 128, the real 196,608 vocabulary,
 4 layers by default), then times, each in a fresh process (peak RSS from ``wait4``):
 
-* ``cp -r`` + ``sync`` of the HF directory (the baseline),
+* ``cp -r`` + ``sync`` of the HF directory (the baseline; GNU ``cp`` copies in the kernel),
 * ``llmjp-convert hf-to-mcore`` of it (TP2 x PP2 target),
 * ``cp -r`` + ``sync`` of the resulting checkpoint,
 * ``llmjp-convert mcore-to-hf`` of that checkpoint,
@@ -19,7 +19,6 @@ the copy time, peak RSS under 25% of the checkpoint size). Parity is skipped for
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -76,14 +75,16 @@ def write_random_hf(out: Path, model: dict, dtype: torch.dtype) -> int:
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of ``cmd`` in a fresh process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return dt, usage.ru_maxrss * 1024 / 1e9
+    """(seconds, peak RSS in GB) of ``cmd`` in a fresh process. The RSS comes from GNU time
+    (``/usr/bin/time -f %M``): a child's own ``ru_maxrss`` would start from this process's
+    size, which it inherits at fork."""
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-o", rss.name, "-f", "%M", *cmd])
+        dt = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}")
+        return dt, int(rss.read().split()[-1]) * 1024 / 1e9
 
 
 def size_of(d: Path) -> int:
