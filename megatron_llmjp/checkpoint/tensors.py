@@ -281,7 +281,10 @@ class TensorWriter:
 
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._writer = FileSystemWriter(str(self.directory), single_file_per_rank=True)
+        # Files are synced here after trimming (one fsync each), not by torch as well.
+        self._writer = FileSystemWriter(
+            str(self.directory), single_file_per_rank=True, sync_files=False
+        )
         self._writer.fs = _preallocating_fs()
         self._writer.set_up_storage_writer(True)
         self._declared: dict[str, TensorInfo] = {}
@@ -393,3 +396,6 @@ class TensorWriter:
         self._writer.finish(md, self._results)
         torch.save(common or {}, self.directory / "common.pt")
         (self.directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        for name in (".metadata", "common.pt", "metadata.json"):
+            with open(self.directory / name, "rb") as f:
+                os.fsync(f.fileno())

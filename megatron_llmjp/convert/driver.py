@@ -45,7 +45,7 @@ TOKENIZER_FILES = (
 
 # Model-scope tensors above this size (the embedding and output layer of a 196,608 vocabulary)
 # move in blocks of rows of about this size, so they are never held whole.
-BLOCK_BYTES = 256 * 2**20
+BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass
