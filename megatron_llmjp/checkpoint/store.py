@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_llmjp.config.loader import ConfigError
@@ -162,3 +164,31 @@ def file_sizes(directory: Path) -> dict[str, int]:
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
+
+
+@contextmanager
+def staged_output(output: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory beside ``output`` (a converted or upcycled model), renamed to
+    ``output`` when the block succeeds and removed when it fails: a reader never sees a
+    half-written directory under the final name."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise CheckpointError(f"--output {output} already exists (pass --force to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.rename(output, old)
+    os.rename(tmp, output)
+    _fsync_dir(output.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

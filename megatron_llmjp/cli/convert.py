@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from megatron_llmjp.cli import add_overrides
+from megatron_llmjp.cli import add_overrides, doc_parser
 from megatron_llmjp.config.loader import ConfigError
 
 PROG = "llmjp-convert"
@@ -30,12 +30,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.splitlines()[0].split(": ", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
+    p = doc_parser(PROG, __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("mcore-to-hf", "export a training checkpoint as a Hugging Face model directory"),

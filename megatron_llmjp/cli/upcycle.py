@@ -20,18 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_llmjp.cli import doc_parser
 from megatron_llmjp.config.loader import ConfigError
 
 PROG = "llmjp-upcycle"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.splitlines()[0].split(": ", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
+    p = doc_parser(PROG, __doc__)
     p.add_argument(
         "--input",
         required=True,

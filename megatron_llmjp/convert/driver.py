@@ -10,12 +10,9 @@ parity check passed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from megatron_llmjp.convert import hf_config, mappings
 from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.safetensors_io import Entry, HFReader, ShardedWriter
 from megatron_llmjp.convert.transforms import ROW_PREFIX, TRANSFORMS, ConversionError
+from megatron_llmjp.parallel.layout import smallest_layout
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -116,31 +114,6 @@ class _WriteBehind:
                 self.wait()
         finally:
             self._pool.shutdown(wait=True)
-
-
-@contextmanager
-def _staging(output: Path, force: bool) -> Iterator[Path]:
-    """A temporary directory beside ``output``, renamed to it on success, removed on failure."""
-    output = Path(output)
-    if output.exists() and not force:
-        raise ConversionError(f"--output {output} already exists (pass --force to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.rename(output, old)
-    os.rename(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _groups(rules: list[Rule], num_layers: int) -> list[tuple[str, list[Rule], int | None]]:
@@ -277,7 +250,7 @@ def mcore_to_hf(
                 entries += [Entry(n, s, out_dtype) for n, s in zip(names, shapes, strict=True)]
     token_ids = _token_ids(tokenizer)
     dims = mappings.dims_of(model)
-    with _staging(Path(output), force) as tmp:
+    with store.staged_output(Path(output), force) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_size)
         bar = _Progress(len(groups), "mcore->hf", progress)
         with _WriteBehind() as behind:
@@ -374,22 +347,6 @@ def _target_config(model, dtype: torch.dtype, overrides: list[str]):
     return cfg
 
 
-def _smallest_layout(cfg):
-    """The layout of the fewest ranks the trainer accepts for ``cfg.parallel`` (for the
-    manifest and the vocabulary padding; the stored tensors fit every layout)."""
-    from megatron_llmjp.parallel.layout import LayoutError, make_layout
-
-    p = cfg.parallel
-    base = p.tp * p.pp * p.cp
-    error = None
-    for mult in range(1, 4 * p.ep * (p.etp or p.tp) + 1):
-        try:
-            return make_layout(p, cfg.model, cfg.train, base * mult)
-        except LayoutError as e:
-            error = e
-    raise ConversionError(f"--set parallel.*: no valid layout ({error})")
-
-
 def hf_to_mcore(
     src: str | Path,
     output: str | Path,
@@ -411,7 +368,7 @@ def hf_to_mcore(
     model_cfg, hf_dtype = hf_config.model_config_from_hf(hf_config.read_hf_config(src), src)
     out_dtype = dtype or hf_dtype
     cfg = _target_config(model_cfg, out_dtype, list(overrides or []))
-    layout = _smallest_layout(cfg)
+    layout = smallest_layout(cfg.parallel, cfg.model, cfg.train)
     model = model_section(cfg.model, layout.tp, "sequential")
     rules = mappings.rules_for(model)
     reader = HFReader(src)
@@ -438,7 +395,7 @@ def hf_to_mcore(
                 f"{src}/{reader.where[name]}: {name} has shape {found}, config.json implies {shape}"
             )
     dims = mappings.dims_of(model)
-    with _staging(Path(output), force) as tmp:
+    with store.staged_output(Path(output), force) as tmp:
         ckpt = tmp / store.iter_name(0)
         writer = TensorWriter(ckpt)
         for r in rules:

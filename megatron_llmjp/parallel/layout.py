@@ -153,3 +153,16 @@ def make_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world: int) -
         dp=dp,
         sequence_parallel=sp,
     )
+
+
+def smallest_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Layout:
+    """The layout of the fewest ranks that ``p`` allows (dp as small as the rules permit):
+    what a checkpoint written outside training (conversion, upcycling) records."""
+    base = p.tp * p.pp * p.cp
+    error = None
+    for mult in range(1, 4 * p.ep * (p.etp or p.tp) + 1):
+        try:
+            return make_layout(p, m, t, base * mult)
+        except LayoutError as e:
+            error = e
+    raise LayoutError(f"parallel.*: no world size up to {base * mult} fits ({error})")

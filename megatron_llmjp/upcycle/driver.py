@@ -31,10 +31,9 @@ from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
 from megatron_llmjp.config.loader import ConfigError
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.convert import mappings
-from megatron_llmjp.convert.driver import _smallest_layout, _staging
 from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.transforms import TRANSFORMS
-from megatron_llmjp.parallel.layout import Layout
+from megatron_llmjp.parallel.layout import Layout, smallest_layout
 from megatron_llmjp.upcycle import drop
 
 
@@ -229,7 +228,7 @@ def plan(
     )
     cfg = _target_config(directory / "config.yaml", spec, list(overrides), label)
     cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, load=str(out_abs)))
-    layout = _smallest_layout(cfg)
+    layout = smallest_layout(cfg.parallel, cfg.model, cfg.train)
     moe = model_section(cfg.model, layout.tp, "sequential")
     dense_rules = _rules("LlamaForCausalLM", dense)
     moe_rules = _rules("Qwen3MoeForCausalLM", moe)
@@ -318,7 +317,7 @@ def upcycle(
     groups += [(f"layer {i}", layer_copies, i) for i in range(num_layers)]
     groups.append(("head", post, None))
     total = 0
-    with _staging(Path(output), force) as tmp:
+    with store.staged_output(Path(output), force) as tmp:
         ckpt = tmp / store.iter_name(0)
         writer = TensorWriter(ckpt)
         for r in p.moe_rules:

@@ -253,7 +253,7 @@ def test_bad_hf_inputs_fail_clearly_and_leave_nothing(tmp_path):
             good, out, overrides=["model.num_layers=2"], parity=False, progress=False
         )
     out.mkdir()
-    with pytest.raises(ConversionError, match="already exists"):
+    with pytest.raises(CheckpointError, match="already exists"):
         driver.hf_to_mcore(good, out, overrides=[], parity=False, progress=False)
 
 
