@@ -103,6 +103,8 @@ def megatron_logits(ckpt_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         f"train.global_batch_size={b}",
         "checkpoint.dir=null",
         "checkpoint.load=null",
+        "checkpoint.interval=0",
+        "checkpoint.async_save=false",
     ]
     cfg = build_config(ckpt_dir / "config.yaml", overrides)
     layout = make_layout(cfg.parallel, cfg.model, cfg.train, 1)

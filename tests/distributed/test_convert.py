@@ -184,6 +184,7 @@ def test_trained_checkpoint_exports_and_passes_parity(
         "schedule.warmup_iters=1",
         "logging.tensorboard=false",
         f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "checkpoint.interval=2",  # the saved config.yaml has saving on; parity must cope
         f"output_dir={tmp_path / 'run'}",
     ]
     spawn(_train, world, run)
