@@ -164,7 +164,15 @@ def _train(overrides: list[str]) -> None:
 
 TRAINED = [
     ("dense-pp2-vpp2", 2, ["model.name=llm-jp-4-tiny-dense", "parallel.pp=2", "parallel.vpp=2"]),
-    ("moe-ep2", 2, ["model.name=llm-jp-4-tiny-moe", "parallel.ep=2", "precision.dtype=bf16"]),
+    (
+        "moe-tp2xep2xetp2-bf16",
+        4,
+        [
+            "model.name=llm-jp-4-tiny-moe",
+            *("parallel.tp=2", "parallel.ep=2", "parallel.etp=2"),
+            "precision.dtype=bf16",
+        ],
+    ),
 ]
 
 
