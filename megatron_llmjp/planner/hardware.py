@@ -20,6 +20,8 @@ class GPU:
     """Total device memory as reported by the driver."""
     bf16_tflops: float
     """Peak dense BF16 tensor-core throughput (no sparsity)."""
+    fp8_tflops: float | None
+    """Peak dense FP8 tensor-core throughput (None: no FP8 tensor cores)."""
     hbm_gbps: float
     """Memory bandwidth, GB/s (bounds the optimizer step)."""
     nvlink_gbps: float
@@ -39,6 +41,7 @@ GPUS: dict[str, GPU] = {
         name="h200",
         memory_bytes=143771 * MiB,
         bf16_tflops=989.4,
+        fp8_tflops=1978.9,
         hbm_gbps=4800.0,
         nvlink_gbps=450.0,
         ib_gbps=25.0,
@@ -50,6 +53,7 @@ GPUS: dict[str, GPU] = {
         name="h100",
         memory_bytes=81559 * MiB,
         bf16_tflops=989.4,
+        fp8_tflops=1978.9,
         hbm_gbps=3350.0,
         nvlink_gbps=450.0,
         ib_gbps=50.0,
@@ -61,6 +65,7 @@ GPUS: dict[str, GPU] = {
         name="a100-80gb",
         memory_bytes=81920 * MiB,
         bf16_tflops=312.0,
+        fp8_tflops=None,
         hbm_gbps=2039.0,
         nvlink_gbps=300.0,
         ib_gbps=25.0,

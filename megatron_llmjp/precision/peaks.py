@@ -9,13 +9,21 @@ achieved TFLOP/s).
 from __future__ import annotations
 
 from megatron_llmjp.config.schema import PrecisionConfig
+from megatron_llmjp.planner.hardware import GPU, GPUS
 
+
+def _peaks(gpu: GPU) -> dict[str, float]:
+    return {"bf16": gpu.bf16_tflops, **({"fp8": gpu.fp8_tflops} if gpu.fp8_tflops else {})}
+
+
+# The planner's GPU table is the source for the boards it plans for; the PCIe and NVL H100
+# boards are not planner targets (no node figures), so only their peaks live here.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.4, "fp8": 1978.9},
-    "H100 SXM": {"bf16": 989.4, "fp8": 1978.9},
+    "H200": _peaks(GPUS["h200"]),
+    "H100 SXM": _peaks(GPUS["h100"]),
     "H100 NVL": {"bf16": 835.5, "fp8": 1670.5},
     "H100 PCIe": {"bf16": 756.5, "fp8": 1513.0},
-    "A100": {"bf16": 312.0},
+    "A100": _peaks(GPUS["a100-80gb"]),  # the 40 GB board has the same compute
 }
 
 
