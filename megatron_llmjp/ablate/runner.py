@@ -33,14 +33,17 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_llmjp.ablate.report import read_metrics
 from megatron_llmjp.ablate.spec import AblationSpec, RunPlan
 from megatron_llmjp.checkpoint.store import atomic_write_text, has_checkpoint, read_latest
 from megatron_llmjp.config.loader import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_llmjp.launch.plan import LaunchRequest
 
 FINAL_STATES = ("done", "stopped")
 EXIT_NONFINITE = 3
@@ -200,28 +203,6 @@ def run_local(spec: AblationSpec, plan: RunPlan, nproc: int, has_own_checkpoints
 # -- scheduler jobs -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LaunchOptions:
-    """``llmjp-launch`` flags passed through to every job."""
-
-    scheduler: str
-    nodes: int = 1
-    gpus_per_node: int = 8
-    container: str | None = None
-    walltime: str | None = None
-    project: str | None = None
-    queue: str | None = None
-    account: str | None = None
-    partition: str | None = None
-    binds: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    modules: tuple[str, ...] | None = None
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-
 DEPENDENCY = {
     "pbs": lambda job: ["-W", f"depend=afterok:{job}"],
     "slurm": lambda job: [f"--dependency=afterok:{job}"],
@@ -229,32 +210,21 @@ DEPENDENCY = {
 """Submit flags that hold a variant's job until the initial checkpoint's job succeeded."""
 
 
-def job_plan(spec: AblationSpec, plan: RunPlan, opts: LaunchOptions):
+def job_plan(spec: AblationSpec, plan: RunPlan, opts: LaunchRequest):
     """The ``llmjp-launch`` plan of one run. A variant is planned without ``checkpoint.load``
     (the initial checkpoint may not exist yet: its job can still be queued), which is added to
     the command afterwards, with a bind of its directory when the job runs in a container."""
-    from megatron_llmjp.launch.plan import LaunchRequest, make_plan
+    from megatron_llmjp.launch.plan import make_plan
 
     load = next((o for o in plan.overrides if o.startswith("checkpoint.load=")), None)
     later = plan.name is not None and load is not None
     overrides = tuple(o for o in plan.overrides if not (later and o == load))
-    req = LaunchRequest(
-        scheduler=opts.scheduler,
-        nodes=opts.nodes,
-        gpus_per_node=opts.gpus_per_node,
-        container=opts.container,
+    req = dataclasses.replace(
+        opts,
         config=spec.config,
         overrides=overrides,
         output_dir=str(plan.output_dir),
-        walltime=opts.walltime,
-        project=opts.project,
-        queue=opts.queue,
-        account=opts.account,
-        partition=opts.partition,
         job_name=f"{spec.name}-{plan.label}",
-        binds=opts.binds,
-        env=opts.env,
-        modules=opts.modules,
     )
     job = make_plan(req)
     if later:
@@ -270,7 +240,7 @@ def job_plan(spec: AblationSpec, plan: RunPlan, opts: LaunchOptions):
 
 
 def submit(
-    spec: AblationSpec, plan: RunPlan, opts: LaunchOptions, after: str | None, dry_run: bool
+    spec: AblationSpec, plan: RunPlan, opts: LaunchRequest, after: str | None, dry_run: bool
 ) -> str:
     """Write and submit one job (held until job ``after`` succeeded); returns its job id.
     With ``dry_run``, print the script and the submit command instead."""

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _launch_options(args: argparse.Namespace):
-    from megatron_llmjp.ablate.runner import LaunchOptions
+    from megatron_llmjp.launch.plan import LaunchRequest
 
     if args.launcher == "local":
         given = [f for f in CLUSTER_FLAGS if getattr(args, f) is not None]
@@ -85,7 +85,8 @@ def _launch_options(args: argparse.Namespace):
     if args.nproc is not None:
         raise ConfigError("--nproc is for --launcher local; jobs use --nodes x --gpus-per-node")
     modules = None if args.modules is None else tuple(m for m in args.modules if m != "none")
-    return LaunchOptions(
+    # The flags every job shares; each run fills in its config, overrides and directories.
+    return LaunchRequest(
         scheduler=args.launcher,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -227,9 +228,10 @@ def _main(args: argparse.Namespace) -> int:
         nproc = args.nproc if args.nproc is not None else spec.nproc
         if nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-        world = None if args.report_only else (nproc if opts is None else opts.world)
+        ranks = nproc if opts is None else opts.nodes * opts.gpus_per_node
+        world = None if args.report_only else ranks
         plans = run_plans(spec, root, tuple(args.overrides), world)
-        launcher = args.launcher if opts is None else f"{args.launcher} ({opts.world} ranks)"
+        launcher = args.launcher if opts is None else f"{args.launcher} ({ranks} ranks)"
         if args.report_only:
             pending = _report(spec, plans, root, launcher)
             return 0 if pending == 0 else 1
