@@ -191,8 +191,11 @@ def _copy_tokenizer(tokenizer: str | None, out: Path) -> None:
 # -- megatron -> HF ------------------------------------------------------------------------
 
 
-def _resolve_keys(rules: list[Rule], reader: TensorReader, directory: Path) -> dict[str, str]:
-    """Rule key -> key stored in the checkpoint; every stored model tensor must be claimed."""
+def claim_tensors(
+    rules: list[Rule], model: dict, reader: TensorReader, directory: Path
+) -> dict[str, str]:
+    """Rule key -> key stored in the checkpoint. Every rule's tensor must be there with the
+    shape ``model`` implies, and every stored model tensor must be claimed by a rule."""
     stored = {k for k in reader.names() if not k.startswith("optimizer.")}
     resolved, missing = {}, []
     for r in rules:
@@ -208,6 +211,14 @@ def _resolve_keys(rules: list[Rule], reader: TensorReader, directory: Path) -> d
         raise ConversionError(
             f"{directory}: tensors with no mapping (refusing to drop them): {leftover[:6]}"
         )
+    for r in rules:
+        info = reader.info(resolved[r.mcore])
+        expected = mappings.global_shape(r, model)
+        if info.shape != expected:
+            raise ConversionError(
+                f"{directory}: {info.key} has shape {info.shape}, the manifest's model implies "
+                f"{expected}"
+            )
     return resolved
 
 
@@ -231,15 +242,7 @@ def mcore_to_hf(
     model = manifest["model"]
     rules = mappings.rules_for(model)
     reader = TensorReader(directory)
-    keys = _resolve_keys(rules, reader, directory)
-    for r in rules:
-        info = reader.info(keys[r.mcore])
-        expected = mappings.global_shape(r, model)
-        if info.shape != expected:
-            raise ConversionError(
-                f"{directory}: {info.key} has shape {info.shape}, the manifest's model implies "
-                f"{expected}"
-            )
+    keys = claim_tensors(rules, model, reader, directory)
     out_dtype = dtype or reader.info(keys[rules[0].mcore]).dtype
     groups = _groups(rules, model["num_layers"])
     entries = []

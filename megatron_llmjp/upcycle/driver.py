@@ -31,6 +31,7 @@ from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
 from megatron_llmjp.config.loader import ConfigError
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.convert import mappings
+from megatron_llmjp.convert.driver import claim_tensors
 from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.transforms import TRANSFORMS
 from megatron_llmjp.parallel.layout import Layout, smallest_layout
@@ -239,25 +240,7 @@ def plan(
             source[r.mcore] = r.mcore
         elif r.mcore == MOE_PRE_MLP_NORM:
             source[r.mcore] = DENSE_PRE_MLP_NORM
-    reader = TensorReader(directory)
-    stored = {k for k in reader.names() if not k.startswith("optimizer.")}
-    missing = sorted(dense_keys - stored)
-    if missing:
-        raise UpcycleError(f"--input {directory}: checkpoint lacks tensors {missing}")
-    leftover = sorted(stored - dense_keys)
-    if leftover:
-        raise UpcycleError(
-            f"--input {directory}: tensors with no place in the MoE model (refusing to drop "
-            f"them): {leftover[:6]}"
-        )
-    for r in dense_rules:
-        info = reader.info(r.mcore)
-        expected = mappings.global_shape(r, dense)
-        if info.shape != expected:
-            raise UpcycleError(
-                f"--input {directory}: {r.mcore} has shape {info.shape}, the manifest's model "
-                f"implies {expected}"
-            )
+    claim_tensors(dense_rules, dense, TensorReader(directory), directory)
     dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
     return _Plan(
         directory, manifest, cfg, layout, dense, moe, dense_rules, moe_rules, source, dtype
