@@ -349,3 +349,25 @@ def _is_extra_state(key: str) -> bool:
 def _describe(manifest: dict) -> str:
     p = manifest["parallel"]
     return " ".join(f"{k}={p[k]}" for k in ("tp", "pp", "vpp", "ep", "etp", "dp") if k in p)
+
+
+def finish_weights_checkpoint(root: Path, writer, cfg: RunConfig, layout: Layout, source: dict):
+    """Complete an iteration-0 checkpoint whose tensors ``writer`` (a ``TensorWriter`` on
+    ``root/iter_0000000``) wrote outside training, for a conversion or an upcycling: the tensor
+    metadata, ``config.yaml``, then the weights-only manifest listing every file (``source``
+    says where the weights came from), then ``root/latest``."""
+    directory = Path(writer.directory)
+    progress = asdict(Progress())
+    writer.finish({"progress": progress, "schedule": to_dict(cfg.schedule)})
+    dump_yaml(cfg, directory / "config.yaml")
+    manifest = build_manifest(
+        cfg,
+        layout,
+        progress,
+        store.file_sizes(directory),
+        optimizer_saved=False,
+        experts_layout="sequential" if cfg.model.is_moe else "none",
+    )
+    manifest["source"] = source
+    write_manifest(directory, manifest)
+    store.atomic_write_text(Path(root) / store.LATEST, "0\n")

@@ -13,18 +13,16 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from megatron_llmjp.checkpoint import store
 from megatron_llmjp.checkpoint.manifest import (
-    build_manifest,
     model_section,
     read_manifest,
     verify_files,
-    write_manifest,
 )
 from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
 from megatron_llmjp.convert import hf_config, mappings
@@ -364,8 +362,7 @@ def hf_to_mcore(
 ) -> Report:
     """Write an HF model directory as a checkpoint root (``iter_0000000`` + ``latest``) that
     the trainer starts from with ``checkpoint.load=OUTPUT checkpoint.load_optimizer=false``."""
-    from megatron_llmjp.checkpoint.state import Progress
-    from megatron_llmjp.config.loader import dump_yaml, to_dict
+    from megatron_llmjp.checkpoint.state import finish_weights_checkpoint
 
     t0 = time.perf_counter()
     src = Path(src)
@@ -427,20 +424,7 @@ def hf_to_mcore(
                     behind.submit(write)
                     del slices
                 behind.submit(lambda: bar.step(0))
-        progress_state = asdict(Progress())
-        writer.finish({"progress": progress_state, "schedule": to_dict(cfg.schedule)})
-        dump_yaml(cfg, ckpt / "config.yaml")  # before the manifest, which lists its size
-        manifest = build_manifest(
-            cfg,
-            layout,
-            progress_state,
-            store.file_sizes(ckpt),
-            optimizer_saved=False,
-            experts_layout="sequential" if cfg.model.is_moe else "none",
-        )
-        manifest["source"] = {"hf_directory": str(src.resolve())}
-        write_manifest(ckpt, manifest)
-        store.atomic_write_text(tmp / store.LATEST, "0\n")
+        finish_weights_checkpoint(tmp, writer, cfg, layout, {"hf_directory": str(src.resolve())})
         result = None
         if parity:
             from megatron_llmjp.convert.parity import check_parity

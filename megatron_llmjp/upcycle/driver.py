@@ -21,11 +21,9 @@ import torch
 
 from megatron_llmjp.checkpoint import store
 from megatron_llmjp.checkpoint.manifest import (
-    build_manifest,
     model_section,
     read_manifest,
     verify_files,
-    write_manifest,
 )
 from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
 from megatron_llmjp.config.loader import ConfigError
@@ -285,8 +283,7 @@ def upcycle(
 ) -> Report:
     """Write the Drop-Upcycled MoE checkpoint root ``output`` from the dense checkpoint ``src``
     (a root, whose latest is used, or an ``iter_*`` directory)."""
-    from megatron_llmjp.checkpoint.state import Progress
-    from megatron_llmjp.config.loader import dump_yaml, to_dict
+    from megatron_llmjp.checkpoint.state import finish_weights_checkpoint
 
     t0 = time.perf_counter()
     p = plan(src, output, spec, list(overrides or []), force)
@@ -326,25 +323,13 @@ def upcycle(
                 sys.stderr.flush()
         if progress:
             sys.stderr.write("\n")
-        progress_state = asdict(Progress())
-        writer.finish({"progress": progress_state, "schedule": to_dict(p.cfg.schedule)})
-        dump_yaml(p.cfg, ckpt / "config.yaml")  # before the manifest, which lists its size
-        manifest = build_manifest(
-            p.cfg,
-            p.layout,
-            progress_state,
-            store.file_sizes(ckpt),
-            optimizer_saved=False,
-            experts_layout="sequential",
-        )
-        manifest["source"] = {
+        source = {
             "dense_checkpoint": str(p.directory.resolve()),
             "dense_iteration": p.manifest["iteration"],
             "method": "drop-upcycling",
             **asdict(spec),
             "norm_topk_prob": spec.renormalise,
         }
-        write_manifest(ckpt, manifest)
-        store.atomic_write_text(tmp / store.LATEST, "0\n")
+        finish_weights_checkpoint(tmp, writer, p.cfg, p.layout, source)
     notes = [] if p.moe["qk_layernorm"] else [QWEN3_MOE_NOTE]
     return Report(Path(output), len(p.moe_rules), total, time.perf_counter() - t0, p.moe, notes)
