@@ -187,6 +187,7 @@ class _Plan:
     moe_rules: list[Rule]
     source: dict[str, str]
     dtype: torch.dtype
+    reader: TensorReader
 
 
 def plan(
@@ -238,10 +239,11 @@ def plan(
             source[r.mcore] = r.mcore
         elif r.mcore == MOE_PRE_MLP_NORM:
             source[r.mcore] = DENSE_PRE_MLP_NORM
-    claim_tensors(dense_rules, dense, TensorReader(directory), directory)
+    reader = TensorReader(directory)
+    claim_tensors(dense_rules, dense, reader, directory)
     dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
     return _Plan(
-        directory, manifest, cfg, layout, dense, moe, dense_rules, moe_rules, source, dtype
+        directory, manifest, cfg, layout, dense, moe, dense_rules, moe_rules, source, dtype, reader
     )
 
 
@@ -287,7 +289,7 @@ def upcycle(
 
     t0 = time.perf_counter()
     p = plan(src, output, spec, list(overrides or []), force)
-    reader = TensorReader(p.directory)
+    reader = p.reader
     num_layers = p.moe["num_layers"]
     model_rules = [r for r in p.moe_rules if r.scope == "model"]
     pre = [r for r in model_rules if r.mcore.startswith("embedding.")]
