@@ -27,7 +27,7 @@ from megatron_llmjp.training.faults import (
     local_grads_nonfinite,
     poison_grads,
 )
-from megatron_llmjp.training.lr_schedule import learning_rate
+from megatron_llmjp.training.lr_schedule import ParamGroupSchedule
 from megatron_llmjp.training.metrics import MetricsWriter
 
 
@@ -63,6 +63,8 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
 class _State:
     model: list
     optimizer: object
+    schedule: ParamGroupSchedule
+    """Sets every parameter group's lr and weight decay each step (from the current config)."""
     data: object  # data.sampler.Data, built once the resume point is known
     layout: Layout
     forward_backward: object
@@ -116,6 +118,9 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
         **precision_recipes.optimizer_kwargs(cfg.precision),
     )
     optimizer = get_megatron_optimizer(opt_cfg, model)
+    schedule = ParamGroupSchedule(
+        optimizer, o, cfg.schedule, cfg.train.iters, cfg.train.global_batch_size
+    )
     tcfg.grad_scale_func = optimizer.scale_loss
     tcfg.finalize_model_grads_func = finalize_model_grads
     if cfg.parallel.overlap_grad_reduce:
@@ -126,7 +131,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
     if cfg.parallel.overlap_param_gather:
         sync = [m.start_param_sync for m in model]
         tcfg.param_sync_func = sync[0] if len(sync) == 1 else sync
-    return _State(model, optimizer, None, layout, get_forward_backward_func())
+    return _State(model, optimizer, schedule, None, layout, get_forward_backward_func())
 
 
 def _forward_step(data_iterator, model, cp_split: bool, poison: bool = False):
@@ -170,17 +175,21 @@ def _schedule(
     )
 
 
-def train_step(state: _State, cfg: RunConfig, step: int, monitor: FaultMonitor) -> dict:
+def train_step(
+    state: _State, cfg: RunConfig, step: int, consumed_samples: int, monitor: FaultMonitor
+) -> dict:
     """One optimizer step; returns the step's scalars (meaningful on the last pipeline stage).
+
+    ``step`` is the 0-based iteration and ``consumed_samples`` the samples trained on before
+    it: the learning rate and weight decay of every parameter group follow from them
+    (``lr_schedule``; iteration 1 of a warmup applies lr 0, as in Megatron-LM).
 
     Between the backward pass and the update, every rank reports non-finite losses/gradients
     and received exit signals in one all-reduce (``FaultMonitor.decide``), so a bad step is
     skipped or stopped on all ranks at once and the weights are never touched by it."""
     from megatron.core import parallel_state as ps
 
-    lr = learning_rate(step, cfg.optim, cfg.schedule, cfg.train.iters)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
+    lr = state.schedule.apply(consumed_samples)
     for m in state.model:
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
@@ -413,7 +422,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             monitor.at_step_start(step + 1)
             t0 = time.perf_counter()
             try:
-                scalars = train_step(state, cfg, step, monitor)
+                scalars = train_step(state, cfg, step, progress.consumed_samples, monitor)
             except Exception as e:
                 if info.world_size > 1 and is_comm_failure(e):
                     raise PeerFailure(
