@@ -151,15 +151,16 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    """Learning-rate schedule, a pure function of the iteration and this section.
-
-    Nothing about the schedule is stored in checkpoints, so changing these values on resume
-    always takes effect (Megatron-LM's stored-scheduler override problem does not arise)."""
+    """Learning-rate schedule: megatron-core's ``OptimizerParamScheduler`` in samples
+    (``iters * train.global_batch_size``), positioned by the samples consumed before each step
+    (``training/lr_schedule.py``). Nothing about it is restored from checkpoints, so changing
+    these values on resume always takes effect."""
 
     style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_iters: int = 0
     decay_iters: int | None = None
-    """End of the decay (cosine/linear): default ``train.iters``."""
+    """End of the decay (every style): default ``train.iters``. Iteration ``decay_iters + 1``
+    and later apply ``optim.min_lr``."""
     wsd_decay_iters: int = 0
     """WSD: length of the final decay phase, ending at ``decay_iters``."""
     wsd_decay_style: Literal["linear", "cosine", "minus_sqrt", "exponential"] = "minus_sqrt"
