@@ -191,6 +191,41 @@ def read_manifest(directory: str | Path) -> dict:
     return data
 
 
+def describe_checkpoint(
+    directory: str | Path,
+    *,
+    vocab_size: int | None = None,
+    tokenizer: str | None = None,
+    default_vocab=None,
+    require_vocab: bool = True,
+    verify: bool = True,
+) -> dict:
+    """The manifest of any readable checkpoint directory: ``manifest.json`` when there is one,
+    else the description ``megatron_lm.describe`` derives from a Megatron-LM checkpoint's
+    ``common.pt`` (``vocab_size``/``tokenizer`` supply its true vocabulary when ``args`` lack
+    it, ``default_vocab`` a ``megatron_lm.VocabSource`` used last; ``require_vocab=False``
+    records an unknown one as None). With ``verify`` the files are checked too (sizes, or
+    shard byte ranges). Raises ``CheckpointError``."""
+    from megatron_llmjp.checkpoint import megatron_lm
+
+    directory = Path(directory)
+    if megatron_lm.is_megatron_lm(directory):
+        manifest = megatron_lm.describe(
+            directory,
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            default_vocab=default_vocab,
+            require_vocab=require_vocab,
+        )
+        if verify:
+            megatron_lm.verify(directory)
+        return manifest
+    manifest = read_manifest(directory)
+    if verify:
+        verify_files(directory, manifest)
+    return manifest
+
+
 def verify_files(directory: str | Path, manifest: dict) -> None:
     """Every file the manifest lists exists with its recorded size (catches truncated copies)."""
     directory = Path(directory)
@@ -206,8 +241,38 @@ def verify_files(directory: str | Path, manifest: dict) -> None:
             )
 
 
-def check_model(manifest: dict, m: ModelConfig, directory: str | Path) -> None:
-    """Refuse a checkpoint whose tensors cannot have this model's shapes; name every field."""
+# model.* fields that do not change the function a checkpoint's weights compute: a difference
+# from a Megatron-LM checkpoint's args is reported, not refused (RoPE has no position table;
+# Megatron-LM sets max_position_embeddings to its sequence length).
+TRAINING_ONLY_FIELDS = (
+    "max_position_embeddings",
+    "init_method_std",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+)
+
+
+def check_model(manifest: dict, m: ModelConfig, directory: str | Path) -> list[str]:
+    """Refuse a checkpoint whose tensors cannot have this model's shapes; name every field.
+
+    For a Megatron-LM checkpoint (``megatron_lm.describe``) every ``model.*`` field is
+    compared with the one derived from its args: a difference in ``TRAINING_ONLY_FIELDS`` is
+    returned as a note, any other raises ``CheckpointError`` naming each field."""
+    if manifest.get("model_config") is not None:
+        saved_cfg = manifest["model_config"]
+        current_cfg = asdict(m)
+        errors, notes = [], []
+        for k, v in current_cfg.items():
+            if k in ("name", "source") or saved_cfg.get(k) == v:
+                continue
+            line = f"model.{k}: checkpoint {saved_cfg.get(k)!r}, config {v!r}"
+            (notes if k in TRAINING_ONLY_FIELDS else errors).append(line)
+        if errors:
+            raise CheckpointError(
+                f"{directory} (Megatron-LM, model from common.pt's args) holds a different model "
+                "than model.*: " + "; ".join(errors)
+            )
+        return notes
     saved = manifest["model"]
     current = model_section(m, 1, "")
     diffs = [
@@ -225,3 +290,4 @@ def check_model(manifest: dict, m: ModelConfig, directory: str | Path) -> None:
             f"{directory} holds a different model ({saved.get('name')}) than model.* "
             f"({m.name}): " + "; ".join(diffs)
         )
+    return []

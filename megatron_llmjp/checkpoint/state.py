@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,8 @@ from megatron_llmjp.checkpoint import store
 from megatron_llmjp.checkpoint.manifest import (
     build_manifest,
     check_model,
+    describe_checkpoint,
     parallel_section,
-    read_manifest,
-    verify_files,
     write_manifest,
 )
 from megatron_llmjp.checkpoint.store import CheckpointError
@@ -62,6 +61,13 @@ class ResumePlan:
     full: bool
     """Optimizer, RNG and progress too (False: weights only, start at iteration 0)."""
     source: str
+    notes: list[str] = field(default_factory=list)
+    """Differences in training-only model fields (printed at load time)."""
+
+    @property
+    def megatron_lm(self) -> bool:
+        """Written by Megatron-LM itself (model derived from ``common.pt``'s args)."""
+        return self.manifest.get("format") == "megatron-lm"
 
 
 def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
@@ -76,9 +82,14 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
         source = "checkpoint.load"
     else:
         return None
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
-    check_model(manifest, cfg.model, directory)
+    from megatron_llmjp.checkpoint.megatron_lm import VocabSource
+
+    manifest = describe_checkpoint(
+        directory, default_vocab=VocabSource(cfg.model.vocab_size, "model.vocab_size")
+    )
+    notes = check_model(manifest, cfg.model, directory)
+    if full and manifest.get("format") == "megatron-lm":
+        _refuse_megatron_lm_optimizer(directory, manifest)
     if full:
         saved_opt = manifest.get("optimizer", {})
         if not saved_opt.get("saved", False):
@@ -100,7 +111,26 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
                 "optimizer state apart only when ep > 1); keep ep on the same side of 1 or set "
                 "checkpoint.load_optimizer=false"
             )
-    return ResumePlan(directory, manifest, full, source)
+    return ResumePlan(directory, manifest, full, source, notes)
+
+
+def _refuse_megatron_lm_optimizer(directory: Path, manifest: dict) -> None:
+    """Full resume from a Megatron-LM checkpoint: refused, naming the saved optimizer format."""
+    opt = manifest["optimizer"]
+    if not opt["saved"]:
+        raise CheckpointError(
+            f"{directory} (Megatron-LM) holds no optimizer state (saved with --no-save-optim); "
+            "set checkpoint.load_optimizer=false to start from its weights at iteration 0"
+        )
+    chained = f", chained as {'/'.join(opt['chained'])}" if opt["chained"] else ""
+    raise CheckpointError(
+        f"checkpoint.load_optimizer=true: {directory} holds Megatron-LM's "
+        f"{'distributed ' if opt['distributed'] else ''}{opt['type']} optimizer state in the "
+        f"{opt['sharding']!r} form{chained}, with Megatron-LM's parameter groups and scheduler; "
+        "resuming it is not supported (this trainer saves and resumes 'fully_reshardable' "
+        "state of its own parameter groups). Set checkpoint.load_optimizer=false to start from "
+        "its weights at iteration 0"
+    )
 
 
 # -- state dicts ---------------------------------------------------------------------------
@@ -286,6 +316,15 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     if plan.full:
         torch_adam.prepare_for_load(optimizer)
     sd = _state_dict(model, optimizer if plan.full else None, is_loading=True, with_rng=with_rng)
+    _apply_aliases(sd["model"], _stored_keys(directory))
+    common_strategy = None
+    if plan.megatron_lm:
+        from megatron_llmjp.checkpoint import megatron_lm
+
+        # Megatron-LM's per-layer _extra_state objects are sharded differently (and hold no
+        # FP8 state a weights-only start keeps): the layers keep their initial value.
+        _drop_extra_state(sd["model"])
+        common_strategy = megatron_lm.common_load_strategy()
     strategy = FullyParallelLoadStrategyWrapper(
         get_default_load_sharded_strategy(str(directory)), _dp_group()
     )
@@ -294,7 +333,11 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     # states when the layout changed, or the optimizer for a weights-only load).
     try:
         loaded, _stored_only, absent = dist_checkpointing.load(
-            sd, str(directory), strategy, strict=StrictHandling.RETURN_ALL
+            sd,
+            str(directory),
+            strategy,
+            common_strategy=common_strategy,
+            strict=StrictHandling.RETURN_ALL,
         )
         error = None
     except (Exception, CheckpointException) as e:  # re-raised below on every rank
@@ -334,16 +377,62 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         what = "full state" if plan.full else "weights only"
         relayout = "" if same_layout else " (resharded from " + _describe(plan.manifest) + ")"
+        origin = " written by Megatron-LM" if plan.megatron_lm else ""
         print(
-            f"[llmjp] loaded {directory} ({plan.source}, {what}) at iteration "
+            f"[llmjp] loaded {directory}{origin} ({plan.source}, {what}) at iteration "
             f"{progress.iteration}{relayout}",
             flush=True,
         )
+        for note in plan.notes:
+            print(f"[llmjp] note: {note} (the config's value is used)", flush=True)
     return progress
 
 
 def _is_extra_state(key: str) -> bool:
     return "_extra_state" in key
+
+
+def _stored_keys(directory: Path) -> set[str]:
+    """Tensor keys in the checkpoint's ``.metadata`` (metadata only, no tensor data)."""
+    from megatron_llmjp.checkpoint.tensors import TensorReader
+
+    return set(TensorReader(directory).names())
+
+
+def _sharded_leaves(sd):
+    if isinstance(sd, dict):
+        for v in sd.values():
+            yield from _sharded_leaves(v)
+    elif isinstance(sd, list | tuple):
+        for v in sd:
+            yield from _sharded_leaves(v)
+    else:
+        yield sd
+
+
+def _apply_aliases(model_sd: dict, stored: set[str]) -> None:
+    """Point each requested tensor whose key is absent from the checkpoint at its stored alias
+    (``convert.mappings.ALIASES``: e.g. the MoE pre-MLP norm that megatron-core's local spec
+    wrote under ``decoder.layers.mlp.linear_fc1.layer_norm_weight``)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_llmjp.convert.mappings import ALIASES
+
+    for leaf in _sharded_leaves(model_sd):
+        if isinstance(leaf, ShardedTensor) and leaf.key not in stored:
+            alias = next((a for a in ALIASES.get(leaf.key, ()) if a in stored), None)
+            if alias is not None:
+                leaf.key = alias
+
+
+def _drop_extra_state(sd: dict) -> None:
+    """Remove the ``_extra_state`` objects from a (nested) sharded state dict, in place."""
+    for k in list(sd):
+        v = sd[k]
+        if isinstance(v, dict):
+            _drop_extra_state(v)
+        elif _is_extra_state(str(k)):
+            del sd[k]
 
 
 def _describe(manifest: dict) -> str:

@@ -18,6 +18,10 @@ from pathlib import Path
 from megatron_llmjp.config.loader import ConfigError
 
 LATEST = "latest"
+# Megatron-LM's pointer (``megatron/training/checkpointing.py``): an iteration number, or the
+# word ``release`` for a ``release/`` directory.
+MEGATRON_LM_LATEST = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
 TMP_SUFFIX = ".tmp"
 _ITER = re.compile(r"^iter_(\d{7,})$")
 
@@ -71,15 +75,34 @@ def read_latest(root: Path) -> int | None:
     return int(text)
 
 
-def resolve(path: str | Path, what: str) -> Path:
-    """The ``iter_*`` directory that ``path`` designates: a root's latest or the directory itself.
+def read_megatron_lm_latest(root: Path) -> str | None:
+    """The directory name Megatron-LM's ``latest_checkpointed_iteration.txt`` in ``root``
+    designates (``iter_NNNNNNN`` or ``release``), or None when there is no such file."""
+    path = Path(root) / MEGATRON_LM_LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if text == RELEASE:
+        return RELEASE
+    if not (text.isascii() and text.isdigit()):
+        raise CheckpointError(
+            f"{path}: expected an iteration number or {RELEASE!r}, found {text[:40]!r}"
+        )
+    return iter_name(int(text))
 
-    ``what`` names the config key in error messages."""
+
+def resolve(path: str | Path, what: str) -> Path:
+    """The checkpoint directory that ``path`` designates: a root's newest checkpoint (this
+    package's ``latest`` or Megatron-LM's ``latest_checkpointed_iteration.txt``) or an
+    ``iter_NNNNNNN`` / ``release`` directory itself.
+
+    ``what`` names the config key or flag in error messages. Raises ``CheckpointError``."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{what}: {p} does not exist (cwd: {Path.cwd()})")
     try:
         latest = read_latest(p)
+        mlm = read_megatron_lm_latest(p) if latest is None else None
     except CheckpointError as e:
         raise CheckpointError(f"{what}: {e}") from e
     if latest is not None:
@@ -92,11 +115,18 @@ def resolve(path: str | Path, what: str) -> Path:
                 f"{what}: {p / LATEST} names iteration {latest} but {target} is missing"
             )
         return target
-    if p.is_dir() and iteration_of(p) is not None:
+    if mlm is not None:
+        target = p / mlm
+        if not target.is_dir():
+            raise CheckpointError(
+                f"{what}: {p / MEGATRON_LM_LATEST} names {mlm} but {target} is missing"
+            )
+        return target
+    if p.is_dir() and (iteration_of(p) is not None or p.name == RELEASE):
         return p
     raise CheckpointError(
-        f"{what}: {p} is neither a checkpoint root (no '{LATEST}' file) nor an iter_NNNNNNN "
-        "checkpoint directory"
+        f"{what}: {p} is neither a checkpoint root (no '{LATEST}' file, nor Megatron-LM's "
+        f"'{MEGATRON_LM_LATEST}') nor an iter_NNNNNNN or release checkpoint directory"
     )
 
 

@@ -227,11 +227,35 @@ class TensorReader:
                     del stored, src
 
     def common(self) -> dict:
-        """megatron-core's ``common.pt`` (the non-tensor part of the state)."""
+        """megatron-core's ``common.pt`` (the non-tensor part of the state), read with the
+        restricted unpickler of ``megatron_lm.load_common`` (no pickled code runs)."""
+        from megatron_llmjp.checkpoint.megatron_lm import load_common
+
         path = self.directory / "common.pt"
         if not path.is_file():
             return {}
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_common(path)
+
+    def check_files(self) -> int:
+        """Every byte range ``.metadata`` lists lies inside its shard file; returns the number
+        of shard files. Raises ``CheckpointError`` naming a missing or truncated one."""
+        need: dict[str, int] = {}
+        for info in self._reader.storage_data.values():
+            end = info.offset + info.length
+            need[info.relative_path] = max(need.get(info.relative_path, 0), end)
+        for name, size in sorted(need.items()):
+            p = self.directory / name
+            if not p.is_file():
+                raise CheckpointError(
+                    f"{self.directory}: shard {name} listed in .metadata is missing"
+                )
+            actual = p.stat().st_size
+            if actual < size:
+                raise CheckpointError(
+                    f"{self.directory}: shard {name} has {actual} bytes but .metadata needs "
+                    f"{size}; the checkpoint is truncated"
+                )
+        return len(need) + 1  # + .metadata
 
 
 def preallocate(fd: int, size: int) -> None:

@@ -5,9 +5,13 @@ Examples::
     llmjp-checkpoint info runs/quickstart/checkpoints          # the latest one
     llmjp-checkpoint info runs/quickstart/checkpoints/iter_0000020 --json
     llmjp-checkpoint verify runs/quickstart/checkpoints        # exit 0 if intact, else 2
+    llmjp-checkpoint info megatron-lm/run --model-overrides    # Megatron-LM: model.* for a config
 
 Reads only ``latest`` and ``manifest.json`` and checks file sizes; neither torch nor
-megatron-core is imported, so it runs on a login node.
+megatron-core is imported, so it runs on a login node. A Megatron-LM checkpoint (root with
+``latest_checkpointed_iteration.txt``) has no manifest: its description is derived from
+``common.pt``'s args (read with torch's restricted ``weights_only`` unpickler) and ``verify``
+checks every shard byte range that ``.metadata`` lists.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import sys
 
 from megatron_llmjp.checkpoint import store
-from megatron_llmjp.checkpoint.manifest import read_manifest, verify_files
+from megatron_llmjp.checkpoint.manifest import describe_checkpoint
 from megatron_llmjp.config.loader import ConfigError
 
 PROG = "llmjp-checkpoint"
@@ -29,8 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise a checkpoint (root: its latest)")
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    info.add_argument(
+        "--model-overrides",
+        action="store_true",
+        help="Megatron-LM checkpoint: print its model as --set model.*=... lines",
+    )
     verify = sub.add_parser("verify", help="check that every file is present and complete")
     verify.add_argument("path")
+    for s in (info, verify):
+        s.add_argument(
+            "--vocab-size", type=int, help="true vocabulary (Megatron-LM args may lack it)"
+        )
+        s.add_argument("--tokenizer", help="tokenizer whose size is the true vocabulary")
     return p
 
 
@@ -52,13 +66,24 @@ def _summary(directory, manifest: dict) -> str:
             f"experts      {moe['num_experts']} x ffn {moe['moe_ffn_hidden_size']}, "
             f"top-{moe['router_topk']} ({moe['experts_layout']})"
         )
+    opt = manifest["optimizer"]
+    form = ""
+    if opt["saved"] and manifest.get("format") == "megatron-lm":
+        chained = f", {'/'.join(opt['chained'])}" if opt.get("chained") else ""
+        form = f", {'distributed ' if opt['distributed'] else ''}{opt['sharding']}{chained}"
     lines += [
-        "layout       " + " ".join(f"{k}={par[k]}" for k in par),
-        f"optimizer    {'saved' if manifest['optimizer']['saved'] else 'not saved'}"
-        f" ({manifest['precision']['params_dtype']} params)",
+        "layout       " + " ".join(f"{k}={par[k]}" for k in par) + " (at save time)",
+        f"optimizer    {'saved' if opt['saved'] else 'not saved'}"
+        f" ({manifest['precision']['params_dtype']} params{form})",
         f"size         {size / 2**20:.1f} MiB in {len(manifest['files'])} files",
         "versions     " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items() if v),
     ]
+    if manifest.get("format") == "megatron-lm":
+        src = manifest["source"]
+        lines.append(
+            f"source       written by Megatron-LM; model from {src['model']}; vocabulary from "
+            f"{src['vocab_size']}"
+        )
     return "\n".join(lines)
 
 
@@ -66,13 +91,37 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         directory = store.resolve(args.path, "path")
-        manifest = read_manifest(directory)
-        verify_files(directory, manifest)
+        manifest = describe_checkpoint(
+            directory,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            require_vocab=args.command == "info" and args.model_overrides,
+        )
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.command == "verify":
-        print(f"{directory}: {len(manifest['files'])} files intact")
+        mlm = manifest.get("format") == "megatron-lm"
+        print(
+            f"{directory}: {len(manifest['files'])} files intact"
+            + (
+                f" (Megatron-LM checkpoint, iteration {manifest['iteration']}, every shard "
+                "byte range listed in .metadata present)"
+                if mlm
+                else ""
+            )
+        )
+    elif args.model_overrides:
+        if manifest.get("format") != "megatron-lm":
+            print(
+                f"{PROG}: error: --model-overrides: {directory} has a manifest and a "
+                "config.yaml (use that config)",
+                file=sys.stderr,
+            )
+            return 2
+        from megatron_llmjp.checkpoint.megatron_lm import model_overrides
+
+        print("\n".join(model_overrides(manifest)))
     elif args.json:
         print(json.dumps(manifest, indent=2))
     else:

@@ -7,7 +7,9 @@ Examples::
     llmjp-convert hf-to-mcore --input release/llm-jp-4-8b --output runs/cpt/init \\
         --set parallel.tp=2 --set parallel.pp=2
 
-Any TP/PP/VPP/EP layout is read (tensors are stored globally); the output of ``hf-to-mcore``
+Any TP/PP/VPP/EP layout is read (tensors are stored globally), from this package's checkpoints
+or Megatron-LM's own torch_dist ones (model derived from ``common.pt``'s args; the true
+vocabulary from them, ``--vocab-size`` or ``--tokenizer``); the output of ``hf-to-mcore``
 loads into any layout with ``checkpoint.load=OUTPUT checkpoint.load_optimizer=false``. Both
 directions stream layer by layer, write under a temporary name, and compare the logits of the
 two models on real text before renaming it into place (``--skip-parity`` for models too large
@@ -45,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--no-progress", action="store_true")
         if name == "mcore-to-hf":
             s.add_argument("--tokenizer", help="tokenizer directory to copy (and read ids from)")
+            s.add_argument(
+                "--vocab-size",
+                type=int,
+                help="true vocabulary of a Megatron-LM checkpoint whose args lack it "
+                "(default: --tokenizer's size)",
+            )
             s.add_argument("--max-shard-size", default="5GB", help="per safetensors file")
         else:
             add_overrides(s, "target run config, e.g. parallel.tp=2 (model.* comes from HF)")
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.input,
                 args.output,
                 tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size,
                 max_shard_size=parse_size(args.max_shard_size),
                 **common,
             )
@@ -88,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    for note in report.notes or []:
+        print(f"{PROG}: {note}")
     print(
         f"{PROG}: wrote {report.output} ({report.tensors} tensors, {report.bytes / 1e9:.3f} GB "
         f"in {report.seconds:.1f} s)"

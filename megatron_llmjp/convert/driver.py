@@ -19,11 +19,8 @@ from pathlib import Path
 import torch
 
 from megatron_llmjp.checkpoint import store
-from megatron_llmjp.checkpoint.manifest import (
-    model_section,
-    read_manifest,
-    verify_files,
-)
+from megatron_llmjp.checkpoint.manifest import describe_checkpoint, model_section
+from megatron_llmjp.checkpoint.megatron_lm import is_optimizer_key
 from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
 from megatron_llmjp.convert import hf_config, mappings
 from megatron_llmjp.convert.mappings import Rule
@@ -54,6 +51,8 @@ class Report:
     bytes: int
     seconds: float
     parity: dict | None = None
+    notes: list[str] | None = None
+    """Where derived values came from (a Megatron-LM checkpoint's model and vocabulary)."""
 
 
 # -- shared plumbing -----------------------------------------------------------------------
@@ -193,8 +192,9 @@ def claim_tensors(
     rules: list[Rule], model: dict, reader: TensorReader, directory: Path
 ) -> dict[str, str]:
     """Rule key -> key stored in the checkpoint. Every rule's tensor must be there with the
-    shape ``model`` implies, and every stored model tensor must be claimed by a rule."""
-    stored = {k for k in reader.names() if not k.startswith("optimizer.")}
+    shape ``model`` implies, and every stored model tensor must be claimed by a rule.
+    Optimizer state (``optimizer.*``, ``chained_N.optimizer.*``) is not model state: ignored."""
+    stored = {k for k in reader.names() if not is_optimizer_key(k)}
     resolved, missing = {}, []
     for r in rules:
         found = [k for k in (r.mcore, *mappings.ALIASES.get(r.mcore, ())) if k in stored]
@@ -225,6 +225,7 @@ def mcore_to_hf(
     output: str | Path,
     *,
     tokenizer: str | None = None,
+    vocab_size: int | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int = 5 * 10**9,
     parity: bool = True,
@@ -232,11 +233,23 @@ def mcore_to_hf(
     force: bool = False,
     progress: bool = True,
 ) -> Report:
-    """Export a training checkpoint (root or ``iter_*`` directory) as an HF model directory."""
+    """Export a training checkpoint (root or ``iter_*`` directory; this package's or
+    Megatron-LM's) as an HF model directory. ``vocab_size`` is the true vocabulary of a
+    Megatron-LM checkpoint whose args lack it (else ``tokenizer``'s size is used)."""
     t0 = time.perf_counter()
     directory = store.resolve(src, "--input")
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
+    manifest = describe_checkpoint(directory, vocab_size=vocab_size, tokenizer=tokenizer)
+    notes = []
+    if manifest.get("format") == "megatron-lm":
+        notes = [
+            f"{directory}: written by Megatron-LM (iteration {manifest['iteration']}); model "
+            f"from {manifest['source']['model']}",
+            f"vocabulary {manifest['model']['vocab_size']} (padded "
+            f"{manifest['model']['padded_vocab_size']}) from {manifest['source']['vocab_size']}",
+        ]
+        if progress:
+            for n in notes:
+                print(f"[convert] {n}", file=sys.stderr, flush=True)
     model = manifest["model"]
     rules = mappings.rules_for(model)
     reader = TensorReader(directory)
@@ -285,8 +298,10 @@ def mcore_to_hf(
         if parity:
             from megatron_llmjp.convert.parity import check_parity
 
-            result = check_parity(tmp, directory, text=parity_text)
-    return Report(Path(output), len(entries), writer.total_bytes, time.perf_counter() - t0, result)
+            result = check_parity(tmp, directory, text=parity_text, manifest=manifest)
+    return Report(
+        Path(output), len(entries), writer.total_bytes, time.perf_counter() - t0, result, notes
+    )
 
 
 def _export_rows(rule, model, keys, reader, writer, behind, bar, dtype) -> None:

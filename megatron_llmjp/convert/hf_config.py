@@ -150,18 +150,7 @@ def model_config_from_hf(cfg: dict, directory: Path) -> tuple[ModelConfig, torch
             moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef", 0.0)),
         )
         base = "llm-jp-4-tiny-moe"
-    name = next(
-        (
-            n
-            for n, m in MODELS.items()
-            if all(
-                getattr(m, k) == v
-                for k, v in fields.items()
-                if k not in ("init_method_std", "max_position_embeddings", "moe_aux_loss_coeff")
-            )
-        ),
-        base,
-    )
+    name = registry_name(fields, base)
     model = ModelConfig(**{**_registry_fields(name), **fields, "name": name})
     dtype_name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     dtypes = {v: k for k, v in DTYPE_NAMES.items()}
@@ -170,6 +159,20 @@ def model_config_from_hf(cfg: dict, directory: Path) -> tuple[ModelConfig, torch
             f"{path}: torch_dtype={dtype_name!r}; expected one of {sorted(dtypes)}"
         )
     return model, dtypes[dtype_name]
+
+
+def registry_name(fields: dict, base: str) -> str:
+    """The first registry entry whose architecture equals ``fields`` (training-only fields
+    such as ``init_method_std`` aside), else ``base``."""
+    ignore = ("init_method_std", "max_position_embeddings", "moe_aux_loss_coeff")
+    return next(
+        (
+            n
+            for n, m in MODELS.items()
+            if all(getattr(m, k) == v for k, v in fields.items() if k not in ignore)
+        ),
+        base,
+    )
 
 
 def _registry_fields(name: str) -> dict:

@@ -74,11 +74,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def megatron_logits(ckpt_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of the checkpoint's model (true vocabulary) on one process, in FP32."""
-    from megatron_llmjp.checkpoint.manifest import read_manifest
-    from megatron_llmjp.checkpoint.state import ResumePlan, load_checkpoint
+def _run_config(ckpt_dir: Path, manifest: dict, overrides: list[str]):
+    """The checkpoint's run config (its ``config.yaml``, or for a Megatron-LM checkpoint the
+    defaults with the model derived from its args) with ``overrides``."""
+    from dataclasses import replace
+
+    from megatron_llmjp.checkpoint import megatron_lm
     from megatron_llmjp.config.loader import build_config
+
+    if (ckpt_dir / "config.yaml").is_file():
+        return build_config(ckpt_dir / "config.yaml", overrides)
+    cfg = build_config(None, [*megatron_lm.model_overrides(manifest), *overrides])
+    return replace(cfg, model=megatron_lm.model_from_manifest(manifest))
+
+
+def megatron_logits(
+    ckpt_dir: Path, tokens: torch.Tensor, manifest: dict | None = None
+) -> torch.Tensor:
+    """Logits [batch, seq, true vocabulary] of the checkpoint's model on one process, in
+    FP32. ``manifest``: the checkpoint's description (read from ``ckpt_dir`` when None;
+    required for a Megatron-LM checkpoint whose args lack the vocabulary)."""
+    from megatron_llmjp.checkpoint.manifest import describe_checkpoint
+    from megatron_llmjp.checkpoint.state import ResumePlan, load_checkpoint
     from megatron_llmjp.models.build import build_model_chunks
     from megatron_llmjp.parallel import cpu_compat
     from megatron_llmjp.parallel.dist import (
@@ -106,7 +123,9 @@ def megatron_logits(ckpt_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         "checkpoint.interval=0",
         "checkpoint.async_save=false",
     ]
-    cfg = build_config(ckpt_dir / "config.yaml", overrides)
+    if manifest is None:
+        manifest = describe_checkpoint(ckpt_dir, verify=False)
+    cfg = _run_config(ckpt_dir, manifest, overrides)
     layout = make_layout(cfg.parallel, cfg.model, cfg.train, 1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     init_distributed(RankInfo(0, 0, 1, "single"), layout, 5.0)
@@ -117,7 +136,7 @@ def megatron_logits(ckpt_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         class _Unwrapped:  # load_checkpoint expects DDP-wrapped chunks (``.module``)
             module = chunk
 
-        plan = ResumePlan(ckpt_dir, read_manifest(ckpt_dir), False, "parity check")
+        plan = ResumePlan(ckpt_dir, manifest, False, "parity check")
         load_checkpoint([_Unwrapped()], None, cfg, layout, plan)
         chunk.eval()
         position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
@@ -144,15 +163,22 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def check_parity(
-    hf_dir: Path, ckpt_dir: Path, *, text: list[str] | None = None, tokenizer: Path | None = None
+    hf_dir: Path,
+    ckpt_dir: Path,
+    *,
+    text: list[str] | None = None,
+    tokenizer: Path | None = None,
+    manifest: dict | None = None,
 ) -> dict:
-    """Compare logits; raises ``ConversionError`` with the figures unless they agree."""
+    """Compare logits; raises ``ConversionError`` with the figures unless they agree.
+    ``manifest``: the checkpoint's description (needed for a Megatron-LM checkpoint)."""
     import yaml
 
-    config = yaml.safe_load((Path(ckpt_dir) / "config.yaml").read_text(encoding="utf-8"))
-    vocab = config["model"]["vocab_size"]
+    path = Path(ckpt_dir) / "config.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    vocab = manifest["model"]["vocab_size"] if manifest else config["model"]["vocab_size"]
     tokens = parity_batch(vocab, Path(tokenizer) if tokenizer else _tokenizer_path(config), text)
-    ref = megatron_logits(Path(ckpt_dir), tokens)
+    ref = megatron_logits(Path(ckpt_dir), tokens, manifest)
     got = hf_logits(Path(hf_dir), tokens)
     if ref.shape != got.shape:
         raise ConversionError(f"parity check: logits shapes differ: {ref.shape} vs {got.shape}")
