@@ -193,6 +193,10 @@ class DataConfig:
     """Where megatron-core caches the dataset indices; default ``OUTPUT_DIR/dataset_cache``."""
     seed: int | None = None
     """Seed for the sample order; None uses ``train.seed``."""
+    null_tokenizer_vocab_size: int | None = None
+    """Megatron-LM's ``--tokenizer-type NullTokenizer --vocab-size N`` for a mixture of indexed
+    datasets that need no tokenizer: ids 0..N-1, EOD = N, no padding id (vocabulary N + 1).
+    Replaces ``data.tokenizer`` (which is then not read)."""
 
 
 @dataclass(kw_only=True)

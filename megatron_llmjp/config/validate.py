@@ -118,7 +118,17 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError(f"data.stage={d.stage!r} needs data.mixture")
     elif t.eval_interval:
         raise ConfigError("train.eval_interval needs data.mixture (validation uses its split)")
-    if not cfg.data.synthetic:
+    if d.null_tokenizer_vocab_size is not None:
+        _positive(d.null_tokenizer_vocab_size, "data.null_tokenizer_vocab_size")
+        if d.mixture is None:
+            raise ConfigError("data.null_tokenizer_vocab_size needs data.mixture")
+        if d.null_tokenizer_vocab_size + 1 > cfg.model.vocab_size:
+            raise ConfigError(
+                f"data.null_tokenizer_vocab_size={d.null_tokenizer_vocab_size} means "
+                f"{d.null_tokenizer_vocab_size + 1} token ids (with EOD) but model.vocab_size "
+                f"is {cfg.model.vocab_size}"
+            )
+    elif not cfg.data.synthetic:
         tok = Path(cfg.data.tokenizer)
         if not tok.exists():
             raise ConfigError(f"data.tokenizer: {tok} does not exist (cwd: {Path.cwd()})")

@@ -66,10 +66,26 @@ def _tokenizer(cfg: RunConfig):
     return tok
 
 
+def _mixture_token_ids(cfg: RunConfig):
+    """EOD, padding id and vocabulary of the indexed datasets (megatron-core's GPTDataset
+    masks the loss where the label is the padding id)."""
+    from megatron_llmjp.data.indexed import TokenIds
+
+    n = cfg.data.null_tokenizer_vocab_size
+    if n is not None:
+        # megatron-core's NullTokenizer: EOD = n; no padding id, so nothing is masked (-1).
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        null = NullTokenizer(n)
+        return TokenIds(null.eod, -1, null.vocab_size)
+    tok = _tokenizer(cfg)
+    return TokenIds(tok.eod_id, tok.pad_id, tok.vocab_size)
+
+
 def _mixture_data(cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int, seed: int):
     import torch
 
-    from megatron_llmjp.data.indexed import DatasetBatches, TokenIds, build_blend, samples_for
+    from megatron_llmjp.data.indexed import DatasetBatches, build_blend, samples_for
     from megatron_llmjp.data.mixture import load_mixture
 
     t, d = cfg.train, cfg.data
@@ -86,7 +102,7 @@ def _mixture_data(cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int, 
             )
     else:
         train_samples = max(iters, 1) * t.global_batch_size
-    tok = _tokenizer(cfg)
+    token_ids = _mixture_token_ids(cfg)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     cache = Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir) / "dataset_cache"
     if rank == 0:
@@ -97,7 +113,7 @@ def _mixture_data(cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int, 
         seed=seed,
         seq_length=t.seq_length,
         split=d.split,
-        token_ids=TokenIds(tok.eod_id, tok.pad_id, tok.vocab_size),
+        token_ids=token_ids,
         train_samples=train_samples,
         valid_samples=t.eval_iters * t.global_batch_size if t.eval_interval else 0,
         cache_dir=cache,

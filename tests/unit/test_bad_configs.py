@@ -113,6 +113,12 @@ CASES = [
         ["model.name=llm-jp-4-nope"],
         ["model.name", "'llm-jp-4-nope'", "llm-jp-4-tiny-dense"],
     ),
+    (
+        "null_tokenizer_without_mixture",
+        1,
+        ["data.null_tokenizer_vocab_size=1000", "model.vocab_size=1001"],
+        ["data.null_tokenizer_vocab_size needs data.mixture"],
+    ),
 ]
 
 
