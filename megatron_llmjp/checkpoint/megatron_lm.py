@@ -432,6 +432,9 @@ def describe(
         "model_config": None if unknown is not None else asdict(m),
         "parallel": parallel,
         "precision": {"params_dtype": dtype, "master_weights": "fp32"},
+        "train": {
+            k: a.get(k) for k in ("seq_length", "micro_batch_size", "global_batch_size", "seed")
+        },
         "optimizer": _optimizer(a, common, reader.names()),
         "versions": {"megatron_lm_checkpoint_version": common.get("checkpoint_version")},
         "files": store.file_sizes(directory),

@@ -20,11 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_llmjp.checkpoint import store
-from megatron_llmjp.checkpoint.manifest import (
-    model_section,
-    read_manifest,
-    verify_files,
-)
+from megatron_llmjp.checkpoint.manifest import describe_checkpoint, model_section
 from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
 from megatron_llmjp.config.loader import ConfigError
 from megatron_llmjp.config.schema import RunConfig
@@ -142,8 +138,16 @@ def _rules(arch: str, model: dict) -> list[Rule]:
     return [r for r in mappings.TABLES[arch] if r.when is None or features[r.when]]
 
 
-def _target_config(dense_config: Path, spec: UpcycleSpec, overrides: list[str], source: str):
-    """The dense run's config with an MoE model section and the ``--set`` flags."""
+def _target_config(
+    dense_config: Path | None,
+    spec: UpcycleSpec,
+    overrides: list[str],
+    source: str,
+    base: list[str] = (),
+):
+    """The dense run's config with an MoE model section and the ``--set`` flags. A
+    Megatron-LM checkpoint has no config file (``dense_config`` None): the defaults with its
+    model (``base``, ``model.*`` overrides derived from its args) stand for it."""
     from megatron_llmjp.config.loader import build_config
     from megatron_llmjp.config.validate import validate_static
 
@@ -160,7 +164,7 @@ def _target_config(dense_config: Path, spec: UpcycleSpec, overrides: list[str], 
         "checkpoint.dir=null",
     ]
     try:
-        cfg = build_config(dense_config, [*model_sets, *overrides])
+        cfg = build_config(dense_config, [*base, *model_sets, *overrides])
     except ConfigError as e:
         if not str(e).startswith("data."):
             raise
@@ -205,15 +209,15 @@ def plan(
         raise UpcycleError(
             f"--output {output} would replace or sit inside the --input checkpoint root {root}"
         )
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
+    manifest = describe_checkpoint(directory)
+    mlm = manifest.get("format") == "megatron-lm"
     dense = manifest["model"]
     if dense.get("family") != "dense":
         raise UpcycleError(
             f"--input {directory} holds a {dense.get('family')!r} model ({dense.get('name')}); "
             "Drop-Upcycling starts from a dense checkpoint"
         )
-    if not (directory / "config.yaml").is_file():
+    if not mlm and not (directory / "config.yaml").is_file():
         raise UpcycleError(f"--input {directory}: no config.yaml next to the manifest")
     dense_ffn = dense["ffn_hidden_size"]
     if spec.expert_ffn > dense_ffn:
@@ -226,7 +230,16 @@ def plan(
         f"{spec.num_experts} experts x ffn {spec.expert_ffn}, top-{spec.topk}, drop ratio "
         f"{spec.drop_ratio}, seed {spec.seed}"
     )
-    cfg = _target_config(directory / "config.yaml", spec, list(overrides), label)
+    if mlm:
+        from megatron_llmjp.checkpoint.megatron_lm import model_overrides
+
+        base = [o for o in model_overrides(manifest) if not o.startswith("model.name=")]
+        base.insert(0, f"model.name={dense['name']}")
+        if manifest["train"].get("seq_length"):
+            base.append(f"train.seq_length={manifest['train']['seq_length']}")
+        cfg = _target_config(None, spec, list(overrides), label, base)
+    else:
+        cfg = _target_config(directory / "config.yaml", spec, list(overrides), label)
     cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, load=str(out_abs)))
     layout = smallest_layout(cfg.parallel, cfg.model, cfg.train)
     moe = model_section(cfg.model, layout.tp, "sequential")
