@@ -10,11 +10,19 @@ starts from the same checkpoint with the same hyperparameters and the same megat
 - the data: the 40 micro-batches, token for token, and megatron-core's index files;
 - per iteration: the lm loss (|diff| <= 1e-6), the gradient norm before clipping (1e-6 relative),
   the applied learning rate (1e-12 relative);
-- the weights after 10 iterations (max |diff| <= 1e-6).
+- the weights after 10 iterations (max |diff| <= 1e-5 absolute; they moved by up to 1.6e-2).
 
-These bounds are the reference's own suggestion for FP32 on CPU; the measured differences are
-printed by the test. The semantics this pins down (per-group weight decay, warmup from lr 0,
-the sample-based schedule, loss averaging, no EOD masking) are listed in the reference README.
+Measured on CPU (torch 2.13.0, megatron-core 0.16.1): max |d loss| 3.6e-7 (Megatron-LM reports
+a float32 loss, this trainer a float64 one: a quarter of a float32 ulp at 6.9), max relative
+d grad norm 1.9e-7, every applied lr equal. The weights agree to 1.3e-7 everywhere except six
+embedding rows (4.9e-6): rows of rare tokens, whose tiny second moments let Adam turn
+rounding-level gradient differences into larger updates. The loss and grad-norm bounds are the
+reference's own suggestion for FP32 on CPU; the weight bound is 10x looser than its
+suggestion because of those rows. The measured differences are printed by the test.
+
+The semantics this pins down (per-group weight decay, warmup from lr 0, the sample-based
+schedule, loss averaging, no EOD masking) are listed in the reference README. Weight decay on
+the norm gains alone moves the iteration-3 loss by 3.3e-6, outside the bound.
 """
 
 from __future__ import annotations
@@ -123,3 +131,71 @@ def test_data_order_matches_megatron_lm(shared_data, tmp_path):
         (ours,) = sorted((tmp_path / "cache").glob(f"*-GPTDataset-train-{name}.npy"))
         theirs = np.load(reference_index / f"{name}.npy")
         np.testing.assert_array_equal(np.load(ours), theirs, err_msg=name)
+
+
+def _train(overrides: list[str]) -> dict:
+    from megatron_llmjp.training.trainer import run
+
+    history = run(build_config(overrides=overrides)).history
+    return {key: [r[key] for r in history] for key in ("loss", "grad_norm", "lr")}
+
+
+# Megatron-LM's local layer spec stores the norms under Transformer Engine's fused names.
+_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def _per_layer_weights(iteration_dir: Path) -> dict[str, torch.Tensor]:
+    """Model tensors of a checkpoint under per-layer names (as in final_weights.pt)."""
+    from megatron_llmjp.checkpoint.tensors import TensorReader
+
+    reader = TensorReader(iteration_dir)
+    out = {}
+    for key in reader.names():
+        if key.startswith(("optimizer", "chained_", "rng")) or "_extra_state" in key:
+            continue
+        value = reader.read(key)
+        if key.startswith("decoder.layers."):
+            suffix = key.removeprefix("decoder.layers.")
+            for i in range(value.shape[0]):
+                out[f"decoder.layers.{i}.{_NORM_NAMES.get(suffix, suffix)}"] = value[i]
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.slow
+def test_reproduces_megatron_lm_training(shared_data, tmp_path):
+    ref = _reference(shared_data)
+    expected = json.loads((ref / "losses.json").read_text())
+    overrides = [
+        *_overrides(ref, tmp_path),
+        f"checkpoint.load={ref / 'init'}",
+        "checkpoint.load_optimizer=false",
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+    ]
+    got = spawn(_train, 1, overrides)[0]
+    n = len(expected["iteration"])
+    assert len(got["loss"]) == n == 10
+    d_loss = [abs(a - b) for a, b in zip(got["loss"], expected["lm_loss"], strict=True)]
+    r_norm = [abs(a - b) / b for a, b in zip(got["grad_norm"], expected["grad_norm"], strict=True)]
+    print(f"max |d loss| {max(d_loss):.2e}, max rel d grad norm {max(r_norm):.2e}")
+    for k in range(n):
+        it = k + 1
+        assert got["lr"][k] == pytest.approx(expected["lr_applied"][k], rel=1e-12, abs=0), it
+        assert d_loss[k] <= 1e-6, (it, got["loss"][k], expected["lm_loss"][k])
+        assert r_norm[k] <= 1e-6, (it, got["grad_norm"][k], expected["grad_norm"][k])
+    final = torch.load(ref / "final_weights.pt", map_location="cpu", weights_only=True)
+    ours = _per_layer_weights(tmp_path / "ckpt" / "iter_0000010")
+    assert sorted(ours) == sorted(final)
+    diff = {k: float((ours[k].float() - v).abs().max()) for k, v in final.items()}
+    moved = max(float((final[k] - w).abs().max()) for k, w in _initial(ref).items())
+    print(f"max |d weight| {max(diff.values()):.2e} (weights moved up to {moved:.2e})")
+    worst = max(diff, key=diff.get)
+    assert diff[worst] <= 1e-5, (worst, diff[worst])
+
+
+def _initial(ref: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ref / "init_weights.pt", map_location="cpu", weights_only=True)
