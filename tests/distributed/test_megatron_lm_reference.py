@@ -15,8 +15,9 @@ starts from the same checkpoint with the same hyperparameters and the same megat
 Measured on CPU (torch 2.13.0, megatron-core 0.16.1): max |d loss| 3.6e-7 (Megatron-LM reports
 a float32 loss, this trainer a float64 one: a quarter of a float32 ulp at 6.9), max relative
 d grad norm 1.9e-7, every applied lr equal. The weights agree to 1.3e-7 everywhere except six
-embedding rows (4.9e-6): rows of rare tokens, whose tiny second moments let Adam turn
-rounding-level gradient differences into larger updates. The loss and grad-norm bounds are the
+embedding rows (4.9e-6), rows of tokens that occur only 1-3 times in the 40 micro-batches:
+probably Adam turning rounding-level gradient differences of rarely updated rows (small
+second moments) into larger updates; not yet traced to its source. The loss and grad-norm bounds are the
 reference's own suggestion for FP32 on CPU; the weight bound is 10x looser than its
 suggestion because of those rows. The measured differences are printed by the test.
 
