@@ -40,6 +40,7 @@ def _train(overrides: list[str]) -> dict:
     return {
         "loss": [r["loss"] for r in result.history],
         "grad_norm": [r["grad_norm"] for r in result.history],
+        "lr": [r["lr"] for r in result.history],
         "skipped": [r["skipped"] for r in result.history],
         "iteration": result.progress.iteration,
         "skipped_steps": result.progress.skipped_steps,
@@ -88,6 +89,25 @@ def test_resume_is_bitwise_exact(name, world, overrides, straight, tmp_path):
     for key in ("loss", "grad_norm"):
         assert first[key] + second[key] == ref[key], f"{name}: {key} differs after resume"
     assert ref["loss"][-1] < ref["loss"][0]
+
+
+def test_resume_applies_the_new_learning_rate(tmp_path):
+    """The loaded optimizer state carries the saving run's max_lr/min_lr in its parameter
+    groups; the resumed run must follow the schedule of its own config (distributed optimizer,
+    DP2)."""
+    from megatron_llmjp.training.lr_schedule import learning_rate
+
+    overrides = [*DENSE, f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    first = train(2, [*overrides, "train.iters=3"], tmp_path / "a")
+    new = ["optim.lr=1e-4", "optim.min_lr=1e-5", "optim.weight_decay=0.01"]
+    second = train(2, [*overrides, *new], tmp_path / "b")
+    cfg = build_config(overrides=BASE + DENSE + new)
+    gbs = cfg.train.global_batch_size
+    want = [
+        learning_rate(k * gbs, cfg.optim, cfg.schedule, cfg.train.iters, gbs) for k in (3, 4, 5)
+    ]
+    assert second["lr"] == pytest.approx(want, rel=1e-12)
+    assert first["lr"][-1] == 3e-4  # the saving run's peak (optim.lr default)
 
 
 RESHARD = [
