@@ -24,6 +24,10 @@ is and which values each parameter group gets:
   ``max_lr``/``min_lr`` of the run that saved it). So a changed ``optim.lr``, ``optim.min_lr``,
   ``optim.weight_decay`` or ``schedule.*`` takes effect on resume, as Megatron-LM's
   ``--override-opt-param-scheduler`` does.
+
+One difference remains: a step skipped by the fault policy (``fault.*``) still counts its
+samples here, while Megatron-LM does not advance its scheduler on an iteration whose update
+was skipped.
 """
 
 from __future__ import annotations
