@@ -34,7 +34,8 @@ def _shared_data() -> Path:
 
 
 def _tokenizer_path(ckpt_config: dict) -> Path:
-    candidates = [Path(ckpt_config.get("data", {}).get("tokenizer", ""))]
+    configured = ckpt_config.get("data", {}).get("tokenizer")
+    candidates = [Path(configured)] if configured else []
     candidates.append(_shared_data() / "tokenizer" / "llm-jp-tokenizer-v4.0")
     for c in candidates:
         if str(c) and c.exists():
