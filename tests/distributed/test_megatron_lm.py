@@ -232,3 +232,20 @@ def test_upcycling_a_megatron_lm_root_keeps_its_function(mlm, tmp_path):
     root = mlm / "checkpoints" / "dense-tp2pp2"
     logits = spawn(_upcycle_logits, 1, str(root), str(tmp_path / "moe"), ref["tokens"])[0]
     _compare(logits, ref, "one-expert upcycled MoE vs Megatron-LM's dense model")
+
+
+@pytest.mark.parametrize(
+    "name,flag",
+    [
+        ("dense-layernorm", "--normalization LayerNorm"),
+        ("moe-shared-expert", "--moe-shared-expert-intermediate-size 64"),
+        ("dense-legacy", "--ckpt-convert-format torch_dist"),
+    ],
+)
+def test_trainer_refuses_what_it_cannot_load(mlm, tmp_path, name, flag):
+    from megatron_llmjp.checkpoint.store import CheckpointError
+
+    base = [*_overrides(mlm, "dense-tp2pp2"), f"checkpoint.load={mlm / 'checkpoints' / name}"]
+    with pytest.raises(CheckpointError, match=flag):
+        _preflight([*base, f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    assert list(tmp_path.iterdir()) == []
