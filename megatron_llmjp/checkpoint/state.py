@@ -235,6 +235,12 @@ def save_checkpoint(
     # Before the first step the optimizer holds no state (megatron cannot even describe it):
     # an iteration-0 checkpoint is weights, RNG and progress only.
     with_optimizer = optimizer is not None and progress.iteration > 0
+    # With parallel.overlap_param_gather the all-gather of the updated parameters waits for
+    # the next forward pass: finish it now, or the saved weights would hold the other DP ranks'
+    # shards as they were before the last step (Megatron-LM syncs before saving too).
+    for chunk in model:
+        if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+            chunk.start_param_sync(force_sync=True)
     sd = _state_dict(model, optimizer if with_optimizer else None, is_loading=False, with_rng=True)
     sd["progress"] = asdict(progress)
     sd["schedule"] = to_dict(cfg.schedule)
