@@ -89,7 +89,9 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
     )
     notes = check_model(manifest, cfg.model, directory)
     if full and manifest.get("format") == "megatron-lm":
-        _refuse_megatron_lm_optimizer(directory, manifest)
+        from megatron_llmjp.checkpoint.megatron_lm_optimizer import check_resumable
+
+        check_resumable(directory, manifest, cfg, layout)
     if full:
         saved_opt = manifest.get("optimizer", {})
         if not saved_opt.get("saved", False):
@@ -112,25 +114,6 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
                 "checkpoint.load_optimizer=false"
             )
     return ResumePlan(directory, manifest, full, source, notes)
-
-
-def _refuse_megatron_lm_optimizer(directory: Path, manifest: dict) -> None:
-    """Full resume from a Megatron-LM checkpoint: refused, naming the saved optimizer format."""
-    opt = manifest["optimizer"]
-    if not opt["saved"]:
-        raise CheckpointError(
-            f"{directory} (Megatron-LM) holds no optimizer state (saved with --no-save-optim); "
-            "set checkpoint.load_optimizer=false to start from its weights at iteration 0"
-        )
-    chained = f", chained as {'/'.join(opt['chained'])}" if opt["chained"] else ""
-    raise CheckpointError(
-        f"checkpoint.load_optimizer=true: {directory} holds Megatron-LM's "
-        f"{'distributed ' if opt['distributed'] else ''}{opt['type']} optimizer state in the "
-        f"{opt['sharding']!r} form{chained}, with Megatron-LM's parameter groups and scheduler; "
-        "resuming it is not supported (this trainer saves and resumes 'fully_reshardable' "
-        "state of its own parameter groups). Set checkpoint.load_optimizer=false to start from "
-        "its weights at iteration 0"
-    )
 
 
 # -- state dicts ---------------------------------------------------------------------------
@@ -318,19 +301,29 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     same_layout = all(
         saved.get(k) == v for k, v in parallel_section(layout).items() if k != "sequence_parallel"
     )
-    with_rng = plan.full and same_layout
-    if plan.full:
+    # Megatron-LM's RNG states are its own objects: a resumed run starts fresh RNG streams.
+    with_rng = plan.full and same_layout and not plan.megatron_lm
+    own_optimizer = plan.full and not plan.megatron_lm
+    if own_optimizer:
         torch_adam.prepare_for_load(optimizer)
-    sd = _state_dict(model, optimizer if plan.full else None, is_loading=True, with_rng=with_rng)
+    sd = _state_dict(
+        model, optimizer if own_optimizer else None, is_loading=True, with_rng=with_rng
+    )
     _apply_aliases(sd["model"], _stored_keys(directory))
     common_strategy = None
+    mlm_pieces = None
     if plan.megatron_lm:
-        from megatron_llmjp.checkpoint import megatron_lm
+        from megatron_llmjp.checkpoint import megatron_lm, megatron_lm_optimizer
 
         # Megatron-LM's per-layer _extra_state objects are sharded differently (and hold no
         # FP8 state a weights-only start keeps): the layers keep their initial value.
         _drop_extra_state(sd["model"])
         common_strategy = megatron_lm.common_load_strategy()
+        if plan.full:
+            chained = bool(plan.manifest["optimizer"]["chained"])
+            sd["megatron_lm_optimizer"], mlm_pieces = megatron_lm_optimizer.requests(
+                optimizer, sd["model"], chained
+            )
     strategy = FullyParallelLoadStrategyWrapper(
         get_default_load_sharded_strategy(str(directory)), _dp_group()
     )
@@ -370,7 +363,13 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         wrong += result.unexpected_keys
         if wrong:
             raise CheckpointError(f"{directory}: state does not fit the model: {wrong[:4]}")
-    if plan.full:
+    if plan.full and plan.megatron_lm:
+        from megatron_llmjp.checkpoint import megatron_lm_optimizer
+
+        steps = megatron_lm_optimizer.saved_steps(loaded, len(_inner_optimizers(optimizer)))
+        megatron_lm_optimizer.apply(optimizer, loaded["megatron_lm_optimizer"], mlm_pieces, steps)
+        progress = _megatron_lm_progress(plan.manifest)
+    elif plan.full:
         optimizer.load_state_dict(loaded["optimizer"])
         torch_adam.after_load(optimizer)
         progress = Progress(**loaded["progress"])
@@ -382,6 +381,11 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         _restore_rng(loaded["rng_state"])
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         what = "full state" if plan.full else "weights only"
+        if plan.full and plan.megatron_lm:
+            what = (
+                "optimizer state, iteration and consumed samples "
+                f"{progress.consumed_samples}; fresh RNG streams"
+            )
         relayout = "" if same_layout else " (resharded from " + _describe(plan.manifest) + ")"
         origin = " written by Megatron-LM" if plan.megatron_lm else ""
         print(
@@ -392,6 +396,16 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         for note in plan.notes:
             print(f"[llmjp] note: {note} (the config's value is used)", flush=True)
     return progress
+
+
+def _megatron_lm_progress(manifest: dict) -> Progress:
+    """Iteration and consumed samples recorded in a Megatron-LM checkpoint's ``common.pt``."""
+    consumed = int(manifest["consumed_samples"] or 0)
+    return Progress(
+        iteration=int(manifest["iteration"]),
+        consumed_samples=consumed,
+        stage_consumed_samples=consumed,
+    )
 
 
 def _is_extra_state(key: str) -> bool:
