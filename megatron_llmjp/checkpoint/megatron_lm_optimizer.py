@@ -23,9 +23,10 @@ weight decay stay those of the run's config (Megatron-LM's groups are not loaded
 
 Because the last axis flattens a tensor-parallel piece, the state is readable only when every
 parameter is split among tensor- (and expert-) parallel ranks exactly as when it was saved:
-``check_resumable`` requires the saved TP, PP, VPP, EP and expert TP sizes, the distributed
-optimizer and the saved parameter dtype, before any process group exists. The data-parallel
-size may differ (a rank's range of the flattened axis is a plain slice).
+``check_resumable`` requires the saved TP, EP and expert-TP sizes, the distributed optimizer and
+the saved parameter dtype, before any process group exists. Pipeline (also virtual) and
+data-parallel sizes may differ: layer-stacking axes are global, and a rank's range of the
+flattened axis is a plain slice of it.
 """
 
 from __future__ import annotations
@@ -38,30 +39,46 @@ from megatron_llmjp.checkpoint.store import CheckpointError
 FORM = "fully_sharded_model_space"
 # Stored state name -> megatron-core's name in ``_set_main_param_and_optimizer_states``.
 STATE_KEYS = {"fp32_param": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
-_SAME = ("tp", "pp", "vpp", "ep", "etp")
+_SAME = ("tp", "ep", "etp")
 
 
-def _refusal(directory: Path, opt: dict, why: str) -> CheckpointError:
+def _instead(source: str) -> str:
+    if source == "checkpoint.dir":
+        return (
+            "To start from its weights at iteration 0, set checkpoint.load to it with "
+            "checkpoint.load_optimizer=false and another checkpoint.dir"
+        )
+    return "Set checkpoint.load_optimizer=false to start from its weights at iteration 0"
+
+
+def _refusal(directory: Path, opt: dict, why: str, source: str) -> CheckpointError:
     chained = f", chained as {'/'.join(opt['chained'])}" if opt["chained"] else ""
+    what = (
+        "checkpoint.dir (full resume)"
+        if source == "checkpoint.dir"
+        else ("checkpoint.load_optimizer=true")
+    )
     return CheckpointError(
-        f"checkpoint.load_optimizer=true: {directory} holds Megatron-LM's "
+        f"{what}: {directory} holds Megatron-LM's "
         f"{'distributed ' if opt['distributed'] else ''}{opt['type']} optimizer state in the "
-        f"{opt['sharding']!r} form{chained}; {why}. Set checkpoint.load_optimizer=false to "
-        "start from its weights at iteration 0"
+        f"{opt['sharding']!r} form{chained}; {why}. {_instead(source)}"
     )
 
 
-def check_resumable(directory: Path, manifest: dict, cfg, layout) -> None:
+def check_resumable(
+    directory: Path, manifest: dict, cfg, layout, source: str = "checkpoint.load"
+) -> None:
     """Refuse (``CheckpointError``) a full resume of a Megatron-LM checkpoint whose optimizer
     state this module cannot load into ``cfg`` at ``layout``: naming the saved form and the
-    layout it needs. Cheap (the manifest only); runs before any process group exists."""
+    layout it needs (``source``: the config key that chose the checkpoint). Cheap (the
+    manifest only); runs before any process group exists."""
     from megatron_llmjp.checkpoint.manifest import parallel_section
 
     opt = manifest["optimizer"]
     if not opt["saved"]:
         raise CheckpointError(
-            f"{directory} (Megatron-LM) holds no optimizer state (saved with --no-save-optim); "
-            "set checkpoint.load_optimizer=false to start from its weights at iteration 0"
+            f"{directory} (Megatron-LM) holds no optimizer state (saved with "
+            f"--no-save-optim). {_instead(source)}"
         )
     if opt["sharding"] != FORM or not opt["distributed"]:
         raise _refusal(
@@ -70,9 +87,10 @@ def check_resumable(directory: Path, manifest: dict, cfg, layout) -> None:
             f"only Megatron-LM's distributed optimizer in the {FORM!r} form (its torch_dist "
             "default) is read; megatron-core 0.16.1 cannot map other Megatron-LM forms onto "
             "this trainer's optimizer",
+            source,
         )
     if opt["type"] != "adamw":
-        raise _refusal(directory, opt, "this trainer resumes Adam(W) state only")
+        raise _refusal(directory, opt, "this trainer resumes Adam(W) state only", source)
     saved = manifest["parallel"]
     now = parallel_section(layout)
     if not cfg.model.is_moe:
@@ -85,15 +103,17 @@ def check_resumable(directory: Path, manifest: dict, cfg, layout) -> None:
     if cfg.precision.dtype != dtype:
         wrong.append(f"precision.dtype={cfg.precision.dtype} (saved {dtype})")
     if wrong:
-        need = " ".join(f"{k}={saved.get(k)}" for k in _SAME if k in saved)
+        need = " ".join(f"parallel.{k}={saved.get(k)}" for k in _SAME if k in saved)
         raise _refusal(
             directory,
             opt,
-            f"that form flattens each parameter's state per tensor-parallel piece "
-            f"(megatron-core 0.16.1 no longer reshards it: ShardedTensor.flattened_range is "
-            f"not supported), so it is resumed only in the layout it was saved in ({need}, "
-            f"any data-parallel size, distributed optimizer, precision.dtype={dtype}); this "
-            f"run has {', '.join(wrong)}",
+            "that form flattens each parameter's state per tensor-parallel piece "
+            "(megatron-core 0.16.1 cannot reshard it: ShardedTensor.flattened_range is not "
+            f"supported), so it is resumed only with the tensor and expert split it was saved "
+            f"with ({need}; any pp, vpp and data-parallel size), "
+            f"optim.use_distributed_optimizer=true and precision.dtype={dtype}; this run has "
+            + ", ".join(wrong),
+            source,
         )
 
 

@@ -73,7 +73,7 @@ class ResumePlan:
 def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
     """Find the checkpoint to start from and check it against the config (cheap, no torch)."""
     c = cfg.checkpoint
-    if c.dir is not None and store.has_checkpoint(c.dir):
+    if c.dir is not None and _holds_checkpoint(c.dir):
         directory, full, source = store.resolve(c.dir, "checkpoint.dir"), True, "checkpoint.dir"
         if store.iteration_of(directory) == 0:
             full = False  # saved before any step (train.iters=0): weights only, start at 0
@@ -91,7 +91,7 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
     if full and manifest.get("format") == "megatron-lm":
         from megatron_llmjp.checkpoint.megatron_lm_optimizer import check_resumable
 
-        check_resumable(directory, manifest, cfg, layout)
+        check_resumable(directory, manifest, cfg, layout, source)
     if full:
         saved_opt = manifest.get("optimizer", {})
         if not saved_opt.get("saved", False):
@@ -114,6 +114,18 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
                 "checkpoint.load_optimizer=false"
             )
     return ResumePlan(directory, manifest, full, source, notes)
+
+
+def _holds_checkpoint(root: str) -> bool:
+    """``checkpoint.dir`` holds a checkpoint to resume: this package's ``latest``, or the
+    ``latest_checkpointed_iteration.txt`` of a Megatron-LM run that moves to this trainer
+    (its later saves go beside Megatron-LM's, and ``latest`` then takes precedence)."""
+    if store.has_checkpoint(root):
+        return True
+    try:
+        return store.read_megatron_lm_latest(Path(root)) is not None
+    except CheckpointError:
+        return True  # resolve() reports the unreadable pointer
 
 
 # -- state dicts ---------------------------------------------------------------------------

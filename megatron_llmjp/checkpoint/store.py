@@ -177,9 +177,12 @@ def published(root: Path) -> list[tuple[int, Path]]:
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
-    """Delete published checkpoints older than the newest ``keep_last`` (never ``latest``)."""
+    """Delete published checkpoints older than the newest ``keep_last`` (never ``latest``,
+    never one Megatron-LM wrote into the same root)."""
+    from megatron_llmjp.checkpoint.megatron_lm import is_megatron_lm
+
     latest = read_latest(root)
-    items = published(root)
+    items = [(i, p) for i, p in published(root) if not is_megatron_lm(p)]
     doomed = [p for i, p in items[: max(0, len(items) - keep_last)] if i != latest]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)

@@ -7,8 +7,9 @@ its distributed-optimizer state in the ``fully_sharded_model_space`` form
   weights and moments, saved again by the trainer in its own format, equal the ones Megatron-LM
   stored (un-flattened here from the plain tensors, read without a process group).
 - Training continues from there with a finite loss.
-- Other layouts, FP32 and a non-distributed optimizer are refused before any process group,
-  naming the form and the layout it needs.
+- Other pipeline, virtual-pipeline and data-parallel sizes load the same state.
+- Another tensor or expert split, FP32 and a non-distributed optimizer are refused before any
+  process group, naming the form and the layout it needs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from tests.unit.test_megatron_lm import assert_unchanged
 
 pytestmark = pytest.mark.distributed
 NAME = "dense-tp2pp2"
+# The layouts the roots were saved in, on 4 processes (moe-ep2: dense DP4, expert DP2).
+SAVED = {"dense-tp2pp2": ["parallel.tp=2", "parallel.pp=2"], "moe-ep2": ["parallel.ep=2"]}
 
 
 @pytest.fixture
@@ -36,12 +39,11 @@ def mlm(shared_data):
     assert_unchanged(root)
 
 
-def _full(mlm: Path, *extra: str) -> list[str]:
+def _full(mlm: Path, *extra: str, name: str = NAME) -> list[str]:
     return [
-        *_overrides(mlm, NAME),
+        *_overrides(mlm, name),
         "checkpoint.load_optimizer=true",
-        "parallel.tp=2",
-        "parallel.pp=2",
+        *SAVED[name],
         "precision.dtype=bf16",
         *extra,
     ]
@@ -99,57 +101,126 @@ def _unflatten(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return t.permute(order).reshape(shape)
 
 
-@pytest.mark.slow
-def test_full_resume_restores_megatron_lm_optimizer_state(mlm, tmp_path):
-    from megatron_llmjp.checkpoint import store
-    from megatron_llmjp.checkpoint.megatron_lm import load_common
-    from megatron_llmjp.checkpoint.tensors import TensorReader
+# (root, processes, layout change, optimizer tensors stored). The saved layouts, then other
+# pipeline and data-parallel sizes: dense-tp2pp2 at TP2 x PP1 (2 processes); moe-ep2 on 2
+# processes (dense DP2 and expert DP1 instead of the saved DP4 and DP2).
+RESUMES = [
+    ("dense-tp2pp2", 4, [], 27),
+    ("moe-ep2", 4, [], 36),
+    ("dense-tp2pp2", 2, ["parallel.pp=1"], 27),
+    ("dense-tp2pp2", 4, ["parallel.vpp=2"], 27),
+    ("moe-ep2", 2, [], 36),
+]
 
-    root = mlm / "checkpoints" / NAME
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,world,change,count", RESUMES, ids=[f"{n}-{w}-{'-'.join(c)}" for n, w, c, _ in RESUMES]
+)
+def test_full_resume_restores_megatron_lm_optimizer_state(
+    mlm, tmp_path, name, world, change, count
+):
+    from megatron_llmjp.checkpoint import store
+    from megatron_llmjp.checkpoint.megatron_lm import is_optimizer_key, load_common
+    from megatron_llmjp.checkpoint.tensors import TensorReader
+    from megatron_llmjp.convert.mappings import ALIASES
+
+    root = mlm / "checkpoints" / name
     saved = store.resolve(root, "x")
     args = vars(load_common(saved / "common.pt")["args"])
     ckpt = tmp_path / "ckpt"
     got = spawn(
         _resume_and_save,
-        4,
-        _full(mlm, "train.iters=3", f"checkpoint.dir={ckpt}", f"output_dir={tmp_path}/a"),
+        world,
+        _full(
+            mlm,
+            *change,
+            "train.iters=3",
+            f"checkpoint.dir={ckpt}",
+            f"output_dir={tmp_path}/a",
+            name=name,
+        ),
     )
     for rank in got:
         assert rank["progress"]["iteration"] == 3
         assert rank["progress"]["consumed_samples"] == args["consumed_train_samples"] == 12
         assert rank["steps"] == [3.0]
     theirs, ours = TensorReader(saved), TensorReader(store.resolve(ckpt, "x"))
-    keys = [k for k in theirs.names() if k.startswith("optimizer.state.")]
-    assert len(keys) == 27
+    alias = {a: k for k, aliases in ALIASES.items() for a in aliases}
+    keys = [k for k in theirs.names() if is_optimizer_key(k)]
+    assert len(keys) == count
     for key in keys:
-        _, _, name, model_key = key.split(".", 3)
-        shape = theirs.info(model_key).shape
-        want = _unflatten(theirs.read(key), shape)
+        state, model_key = key.split("optimizer.state.", 1)[1].split(".", 1)
+        want = _unflatten(theirs.read(key), theirs.info(model_key).shape)
         assert want.abs().max() > 0, key
-        mine = ours.read(f"optimizer.state.{'param' if name == 'fp32_param' else name}.{model_key}")
+        state = "param" if state == "fp32_param" else state
+        mine_key = f"optimizer.state.{state}.{model_key}"
+        if mine_key not in ours.names():  # the MoE pre-MLP norm under the local spec's key
+            mine_key = f"optimizer.state.{state}.{alias[model_key]}"
+        mine = ours.read(mine_key)
         assert mine.dtype == torch.float32 and torch.equal(mine, want), key
     # The trainer continues from iteration 3 with the restored state.
-    out = spawn(_train, 4, _full(mlm, "train.iters=4", f"output_dir={tmp_path}/b"))[-1]
+    out = spawn(
+        _train, world, _full(mlm, *change, "train.iters=4", f"output_dir={tmp_path}/b", name=name)
+    )[-1]
     assert out["iteration"] == 4 and len(out["loss"]) == 1
     assert 0 < out["loss"][0] < 8
 
 
-@pytest.mark.parametrize(
-    "change,needle",
-    [
-        (["parallel.tp=1"], "parallel.tp=1 (saved 2)"),
-        (["parallel.pp=1"], "parallel.pp=1 (saved 2)"),
-        (["precision.dtype=fp32"], "precision.dtype=fp32 (saved bf16)"),
-        (["optim.use_distributed_optimizer=false"], "optim.use_distributed_optimizer=false"),
-    ],
-)
-def test_full_resume_in_another_layout_is_refused(mlm, tmp_path, change, needle):
+REFUSED = [
+    ("dense-tp2pp2", ["parallel.tp=1"], "parallel.tp=1 (saved 2)"),
+    ("dense-tp2pp2", ["precision.dtype=fp32"], "precision.dtype=fp32 (saved bf16)"),
+    ("dense-tp2pp2", ["optim.use_distributed_optimizer=false"], "use_distributed_optimizer=false"),
+    ("moe-ep2", ["parallel.ep=1"], "parallel.ep=1 (saved 2)"),
+]
+
+
+@pytest.mark.parametrize("name,change,needle", REFUSED, ids=[r[2] for r in REFUSED])
+def test_full_resume_in_another_split_is_refused(mlm, tmp_path, name, change, needle):
     from megatron_llmjp.checkpoint.store import CheckpointError
 
     with pytest.raises(CheckpointError) as e:
-        _preflight(_full(mlm, *change, f"checkpoint.dir={tmp_path / 'ckpt'}"))
+        _preflight(_full(mlm, *change, f"checkpoint.dir={tmp_path / 'ckpt'}", name=name))
     msg = str(e.value)
     assert "'fully_sharded_model_space' form" in msg and needle in msg
-    assert "layout it was saved in (tp=2 pp=2 vpp=None ep=1 etp=2" in msg
-    assert "flattened_range is not supported" in msg
+    assert "flattened_range is not supported" in msg and "any pp, vpp and data-parallel" in msg
     assert list(tmp_path.iterdir()) == []
+
+
+def _copy_root(mlm: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(mlm / "checkpoints" / NAME, run)
+    for p in run.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    run.chmod(0o755)
+    return run
+
+
+@pytest.mark.slow
+def test_megatron_lm_root_as_checkpoint_dir_resumes_and_keeps_its_files(mlm, tmp_path):
+    """A Megatron-LM run moved to this trainer by pointing ``checkpoint.dir`` at its ``--save``
+    root: full resume at iteration 3, the trainer's saves go beside Megatron-LM's (``latest``
+    then takes precedence) and pruning never deletes Megatron-LM's checkpoints."""
+    run = _copy_root(mlm, tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    base = _full(mlm, "parallel.pp=1", f"checkpoint.dir={run}", "checkpoint.keep_last=1")
+    out = spawn(_train, 2, [*base, "train.iters=4", f"output_dir={tmp_path}/a"])[-1]
+    assert out["iteration"] == 4 and len(out["loss"]) == 1 and 0 < out["loss"][0] < 8
+    assert sorted(p.name for p in run.iterdir()) == sorted([*before, "iter_0000004", "latest"])
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    out = spawn(_train, 2, [*base, "train.iters=5", f"output_dir={tmp_path}/b"])[-1]
+    assert out["iteration"] == 5 and len(out["loss"]) == 1
+    assert sorted(p.name for p in run.iterdir()) == sorted([*before, "iter_0000005", "latest"])
+
+
+def test_megatron_lm_root_as_checkpoint_dir_refusal_says_what_to_set(mlm, tmp_path):
+    from megatron_llmjp.checkpoint.store import CheckpointError
+
+    run = _copy_root(mlm, tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        _preflight(_full(mlm, "parallel.tp=1", f"checkpoint.dir={run}"))
+    msg = str(e.value)
+    assert msg.startswith("checkpoint.dir (full resume): ") and "parallel.tp=1 (saved 2)" in msg
+    assert "set checkpoint.load to it with checkpoint.load_optimizer=false" in msg
