@@ -17,9 +17,9 @@ a float32 loss, this trainer a float64 one: a quarter of a float32 ulp at 6.9), 
 d grad norm 1.9e-7, every applied lr equal. The weights agree to 1.3e-7 everywhere except six
 embedding rows (4.9e-6), rows of tokens that occur only 1-3 times in the 40 micro-batches:
 probably Adam turning rounding-level gradient differences of rarely updated rows (small
-second moments) into larger updates; not yet traced to its source. The loss and grad-norm bounds are the
-reference's own suggestion for FP32 on CPU; the weight bound is 10x looser than its
-suggestion because of those rows. The measured differences are printed by the test.
+second moments) into larger updates; not yet traced to its source. The loss and grad-norm
+bounds are the reference's own suggestion for FP32 on CPU; the weight bound is 10x looser
+than its suggestion because of those rows. The measured differences are printed by the test.
 
 The semantics this pins down (per-group weight decay, warmup from lr 0, the sample-based
 schedule, loss averaging, no EOD masking) are listed in the reference README. Weight decay on

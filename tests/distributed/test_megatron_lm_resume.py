@@ -20,23 +20,13 @@ import pytest
 import torch
 
 from megatron_llmjp.config.loader import build_config
-from tests.distributed.test_megatron_lm import _overrides, _train
+from tests.distributed.test_megatron_lm_checkpoints import _overrides, _train
 from tests.helpers.spawn import spawn
-from tests.unit.test_megatron_lm import assert_unchanged
 
 pytestmark = pytest.mark.distributed
 NAME = "dense-tp2pp2"
 # The layouts the roots were saved in, on 4 processes (moe-ep2: dense DP4, expert DP2).
 SAVED = {"dense-tp2pp2": ["parallel.tp=2", "parallel.pp=2"], "moe-ep2": ["parallel.ep=2"]}
-
-
-@pytest.fixture
-def mlm(shared_data):
-    root = shared_data / "megatron-lm"
-    if not (root / "SHA256SUMS").is_file():
-        pytest.skip(f"{root} not found")
-    yield root
-    assert_unchanged(root)
 
 
 def _full(mlm: Path, *extra: str, name: str = NAME) -> list[str]:

@@ -25,20 +25,10 @@ import torch
 
 from megatron_llmjp.config.loader import build_config
 from tests.helpers.spawn import spawn
-from tests.unit.test_megatron_lm import assert_unchanged
 
 pytestmark = pytest.mark.distributed
 transformers = pytest.importorskip("transformers")
 MAX_DIFF = 1e-4
-
-
-@pytest.fixture
-def mlm(shared_data):
-    root = shared_data / "megatron-lm"
-    if not (root / "SHA256SUMS").is_file():
-        pytest.skip(f"{root} not found")
-    yield root
-    assert_unchanged(root)
 
 
 def _reference(mlm: Path, name: str) -> dict:
