@@ -1,7 +1,7 @@
 """Reading checkpoints written by Megatron-LM itself (``../shared/data/megatron-lm/``): the
 model description derived from ``common.pt``'s args, ``llmjp-checkpoint info|verify``, and
 every refusal (exit 2, nothing written). No process group; the logits checks against
-Megatron-LM's own forward pass are in ``tests/distributed/test_megatron_lm.py``.
+Megatron-LM's own forward pass are in ``tests/distributed/test_megatron_lm_checkpoints.py``.
 
 The inputs are checked against the data set's own ``SHA256SUMS`` after every test.
 """
