@@ -159,13 +159,13 @@ def _synchronous_save_results() -> None:
     By default it creates a ``spawn`` multiprocessing manager for them (a fresh interpreter
     per rank and run, 2-4 s of every save here) because an asynchronous save hands them over
     from another process; the saves of these runs are synchronous (``checkpoint.async_save``
-    is off), so the writer and the reader of the queue are this process."""
+    is off), so the writer and the reader of the queue are this process. Set in every forked
+    rank, even over one inherited from the parent, which the ranks would otherwise share."""
     import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._results_queue = queue.Queue()
 
 
 def _count_collectives() -> Counter:
