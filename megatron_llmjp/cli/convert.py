@@ -6,6 +6,7 @@ Examples::
         --tokenizer ../shared/data/tokenizer/llm-jp-tokenizer-v4.0 --dtype bf16
     llmjp-convert hf-to-mcore --input release/llm-jp-4-8b --output runs/cpt/init \\
         --set parallel.tp=2 --set parallel.pp=2
+    llmjp-convert hf-to-gguf --input release/llm-jp-4-8b --output llm-jp-4-8b-bf16.gguf
 
 Any TP/PP/VPP/EP layout is read (tensors are stored globally), from this package's checkpoints
 or Megatron-LM's own torch_dist ones (model derived from ``common.pt``'s args; the true
@@ -56,7 +57,32 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--max-shard-size", default="5GB", help="per safetensors file")
         else:
             add_overrides(s, "target run config, e.g. parallel.tp=2 (model.* comes from HF)")
+    g = sub.add_parser("hf-to-gguf", help="write a GGUF file for llama.cpp from an HF export")
+    g.add_argument("--input", required=True, help="HF export directory (mcore-to-hf output)")
+    g.add_argument("--output", required=True, help="GGUF file to write")
+    g.add_argument(
+        "--outtype",
+        choices=["auto", "f32", "f16", "bf16"],
+        default="auto",
+        help="matrix type (default: the export's dtype); norms and the MoE router stay F32",
+    )
+    g.add_argument("--force", action="store_true", help="replace an existing --output")
     return p
+
+
+def _hf_to_gguf(args: argparse.Namespace) -> int:
+    from megatron_llmjp.convert.gguf_export import hf_to_gguf
+
+    try:
+        r = hf_to_gguf(args.input, args.output, outtype=args.outtype, force=args.force)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}; nothing written", file=sys.stderr)
+        return 2
+    print(
+        f"{PROG}: wrote {r.output} ({r.architecture}, {r.outtype}, {r.tensors} tensors, "
+        f"{r.bytes / 1e9:.3f} GB in {r.seconds:.1f} s)"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    if args.command == "hf-to-gguf":
+        return _hf_to_gguf(args)
     from megatron_llmjp.convert.driver import hf_to_mcore, mcore_to_hf
     from megatron_llmjp.convert.safetensors_io import parse_size
     from megatron_llmjp.convert.transforms import ParityError
