@@ -107,6 +107,7 @@ def model_section(m: ModelConfig, tp: int, experts_layout: str) -> dict:
             "scaling": None,
         },
         "moe": None,
+        "hf_config": json.loads(m.hf_config) if m.hf_config else None,
     }
     if m.is_moe:
         out["moe"] = {

@@ -471,7 +471,7 @@ def model_overrides(manifest: dict) -> list[str]:
     Megatron-LM checkpoint described by ``describe``."""
     out = []
     for k, v in manifest["model_config"].items():
-        if k == "source":
+        if k in ("source", "hf_config"):  # descriptive; never set from a Megatron-LM checkpoint
             continue
         text = (
             "null"

@@ -51,6 +51,11 @@ class ModelConfig:
     moe_router_dtype: Literal["fp32", "native"] = "fp32"
     source: str = ""
     """Where the registry numbers come from."""
+    hf_config: str = ""
+    """JSON object: the ``config.json`` fields of the Hugging Face release this model was
+    imported from (``llmjp-convert hf-to-mcore``) that the architecture does not determine, e.g.
+    Qwen3-MoE's ``intermediate_size`` (a dense FFN size no layer uses). ``mcore-to-hf`` writes
+    them back. Empty for models not imported from Hugging Face."""
 
     @property
     def is_moe(self) -> bool:

@@ -10,7 +10,7 @@ parity check passed.
 
 from __future__ import annotations
 
-import shutil
+import json
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -27,15 +27,6 @@ from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.safetensors_io import Entry, HFReader, ShardedWriter
 from megatron_llmjp.convert.transforms import ROW_PREFIX, TRANSFORMS, ConversionError
 from megatron_llmjp.parallel.layout import smallest_layout
-
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-
 
 # Model-scope tensors above this size (the embedding and output layer of a 196,608 vocabulary)
 # move in blocks of rows of about this size, so they are never held whole.
@@ -161,28 +152,30 @@ def _hf_shapes(rule: Rule, model: dict, dtype: torch.dtype) -> list[tuple[int, .
     return [tuple(t.shape) for t in split(meta, mappings.dims_of(model))]
 
 
-def _token_ids(tokenizer: str | None) -> dict[str, int]:
-    if tokenizer is None:
-        return dict(hf_config.LLMJP4_TOKEN_IDS)
+def _tokenizer_vocab(tokenizer: str, model: dict) -> int:
+    """The size of ``--tokenizer``; refuses one with ids the model has no embedding for."""
     from megatron_llmjp.data.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_path(tokenizer)
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    try:
+        size = Tokenizer.from_path(tokenizer).vocab_size
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"--tokenizer {tokenizer}: {e}") from e
+    if size > model["vocab_size"]:
+        raise ConversionError(
+            f"--tokenizer {tokenizer} has {size} ids, the model's vocabulary is "
+            f"{model['vocab_size']}: ids >= {model['vocab_size']} would have no embedding"
+        )
+    return size
 
 
-def _copy_tokenizer(tokenizer: str | None, out: Path) -> None:
-    if tokenizer is None:
-        return
-    src = Path(tokenizer)
-    src_dir = src if src.is_dir() else src.parent
-    copied = [f for f in TOKENIZER_FILES if (src_dir / f).is_file()]
-    models = sorted(src_dir.glob("*.model"))
-    if not copied and not models:
-        raise ConversionError(f"--tokenizer {tokenizer}: no tokenizer files found")
-    for f in copied:
-        shutil.copy2(src_dir / f, out / f)
-    if "tokenizer.model" not in copied and models:
-        shutil.copy2(models[0], out / "tokenizer.model")
+def _default_token_ids() -> tuple[dict[str, int], list[int]]:
+    """Without ``--tokenizer``: the LLM-jp-4 ids of the tokenizer module's table (config ids,
+    generation stop ids EOS + EOD)."""
+    from megatron_llmjp.data.tokenizer import LLMJP4_IDS
+
+    ids = {"bos_token_id": LLMJP4_IDS.bos, "eos_token_id": LLMJP4_IDS.eos}
+    ids["pad_token_id"] = LLMJP4_IDS.pad
+    return ids, [LLMJP4_IDS.eos, LLMJP4_IDS.eod]
 
 
 # -- megatron -> HF ------------------------------------------------------------------------
@@ -263,7 +256,8 @@ def mcore_to_hf(
                 names = mappings.hf_names(r, index)
                 shapes = _hf_shapes(r, model, out_dtype)
                 entries += [Entry(n, s, out_dtype) for n, s in zip(names, shapes, strict=True)]
-    token_ids = _token_ids(tokenizer)
+    if tokenizer is not None:
+        _tokenizer_vocab(tokenizer, model)
     dims = mappings.dims_of(model)
     with store.staged_output(Path(output), force) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_size)
@@ -291,9 +285,20 @@ def mcore_to_hf(
                     del outputs
                 behind.submit(lambda: bar.step(0))
         writer.close()
-        _write_json(tmp / "config.json", hf_config.to_hf_config(model, out_dtype, token_ids))
-        _write_json(tmp / "generation_config.json", hf_config.generation_config(token_ids))
-        _copy_tokenizer(tokenizer, tmp)
+        if tokenizer is not None:
+            from megatron_llmjp.convert.hf_tokenizer import export_tokenizer
+
+            exported = export_tokenizer(tokenizer, tmp)
+            token_ids, stop_ids = exported.token_ids, exported.stop_ids
+        else:
+            token_ids, stop_ids = _default_token_ids()
+        config = hf_config.to_hf_config(
+            model, out_dtype, token_ids, tokenizer_ids=tokenizer is not None
+        )
+        _write_json(tmp / "config.json", config)
+        _write_json(
+            tmp / "generation_config.json", hf_config.generation_config(token_ids, stop_ids)
+        )
         result = None
         if parity:
             from megatron_llmjp.convert.parity import check_parity
@@ -339,8 +344,6 @@ def _import_rows(rule, model, reader, writer, behind, bar, dtype) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    import json
-
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
@@ -381,7 +384,10 @@ def hf_to_mcore(
 
     t0 = time.perf_counter()
     src = Path(src)
-    model_cfg, hf_dtype = hf_config.model_config_from_hf(hf_config.read_hf_config(src), src)
+    src_config = hf_config.read_hf_config(src)
+    model_cfg, hf_dtype = hf_config.model_config_from_hf(src_config, src)
+    kept = hf_config.release_fields(src_config, model_section(model_cfg, 1, "sequential"))
+    model_cfg = replace(model_cfg, hf_config=json.dumps(kept, sort_keys=True) if kept else "")
     out_dtype = dtype or hf_dtype
     cfg = _target_config(model_cfg, out_dtype, list(overrides or []))
     layout = smallest_layout(cfg.parallel, cfg.model, cfg.train)

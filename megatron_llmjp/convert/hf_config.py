@@ -22,8 +22,44 @@ _MODEL_TYPE = {"LlamaForCausalLM": "llama", "Qwen3MoeForCausalLM": "qwen3_moe"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def to_hf_config(model: dict, dtype: torch.dtype, token_ids: dict[str, int]) -> dict:
-    """``config.json`` for a manifest ``model`` section."""
+# config.json fields every export sets itself (the output dtype, --tokenizer's ids), never
+# taken from a recorded release config.
+_EXPORT_OWNED = ("torch_dtype", "dtype", "transformers_version")
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def to_hf_config(
+    model: dict, dtype: torch.dtype, token_ids: dict[str, int], *, tokenizer_ids: bool = False
+) -> dict:
+    """``config.json`` for a manifest ``model`` section.
+
+    The fields of the release the model was imported from (``model["hf_config"]``, see
+    :func:`release_fields`) are written back when its architecture is this one, except the
+    dtype and, when ``tokenizer_ids`` (the ids come from an exported tokenizer), the token ids.
+    """
+    cfg = _derived_config(model, dtype, token_ids)
+    recorded = model.get("hf_config") or {}
+    if recorded.get("architectures") == cfg["architectures"]:
+        owned = (*_EXPORT_OWNED, *(_TOKEN_KEYS if tokenizer_ids else ()))
+        cfg.update({k: v for k, v in recorded.items() if k not in owned})
+    return cfg
+
+
+def release_fields(hf_cfg: dict, model: dict) -> dict:
+    """The fields of an input ``config.json`` that :func:`to_hf_config` would not reproduce
+    from the manifest ``model`` section alone (e.g. a Qwen3-MoE ``intermediate_size`` of 96
+    while the export derives the expert size), plus ``architectures`` as the guard that they
+    belong to this architecture. Recorded at import (``ModelConfig.hf_config``)."""
+    derived = _derived_config(model, torch.float32, LLMJP4_TOKEN_IDS)
+    out = {
+        k: v
+        for k, v in hf_cfg.items()
+        if k not in _EXPORT_OWNED and (k not in derived or derived[k] != v)
+    }
+    return {"architectures": derived["architectures"], **out} if out else {}
+
+
+def _derived_config(model: dict, dtype: torch.dtype, token_ids: dict[str, int]) -> dict:
     arch = model["hf_architecture"]
     moe = model.get("moe")
     cfg = {
@@ -70,8 +106,12 @@ def to_hf_config(model: dict, dtype: torch.dtype, token_ids: dict[str, int]) -> 
     return cfg
 
 
-def generation_config(token_ids: dict[str, int]) -> dict:
-    return {"_from_model_config": True, **token_ids}
+def generation_config(token_ids: dict[str, int], stop_ids: list[int]) -> dict:
+    """``generation_config.json``: bos/pad as ``config.json``; ``eos_token_id`` lists
+    ``config.json``'s EOS first, then ``stop_ids`` (the tokenizer's EOD and chat end tokens:
+    ``hf_tokenizer.TokenizerExport.stop_ids``), so ``generate()`` stops at any of them."""
+    eos = list(dict.fromkeys([token_ids["eos_token_id"], *stop_ids]))
+    return {**token_ids, "eos_token_id": eos if len(eos) > 1 else eos[0]}
 
 
 def read_hf_config(directory: Path) -> dict:

@@ -27,6 +27,15 @@ DEFAULT_TEXT = (
 # top-1 token must agree. Both sides run in FP32.
 MAX_REL_DIFF = 1e-3
 MIN_TOP1 = 0.99
+# Strings SentencePiece encodes through byte fallback or whitespace handling (rare kanji
+# outside the vocabulary, emoji with a modifier, tab, newlines, runs of spaces): the exported
+# tokenizer must give the same ids on them as on the corpus text.
+BYTE_FALLBACK_TEXT = (
+    "𠮷野家で𩸽の塩焼きを食べた。",
+    "絵文字😀👍🏽もそのまま🇯🇵",
+    "列1\t列2\n次の行\n\n空行の後",
+    "  two  spaces and a trailing tab\t",
+)
 
 
 def _shared_data() -> Path:
@@ -46,6 +55,103 @@ def _tokenizer_path(ckpt_config: dict) -> Path:
     )
 
 
+def _check_text(text: list[str] | None) -> list[str]:
+    """The check text: ``text`` or the first 20,000 characters of the default Japanese and
+    English corpus files. Raises ``ConversionError`` when the files are missing."""
+    if text is not None:
+        return text
+    files = [_shared_data() / f for f in DEFAULT_TEXT]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConversionError(f"parity check: text files missing: {missing}; --skip-parity")
+    return [f.read_text(encoding="utf-8", errors="replace")[:20000] for f in files]
+
+
+def check_tokenizer(hf_dir: Path, text: list[str] | None = None, seq: int = 64, batch: int = 2):
+    """Check the tokenizer shipped in ``hf_dir`` from text; return (token batch, figures).
+
+    Loads ``AutoTokenizer`` from ``hf_dir`` (no remote code) and raises ``ParityError``
+    (exit 3) if it fails to load, if its bos/eos/pad ids differ from ``config.json`` (or
+    ``generation_config.json``'s bos/pad, or its EOS list lacks ``config.json``'s), if it can
+    produce an id >= ``config.json``'s ``vocab_size``, or if its ids differ from the
+    SentencePiece ``tokenizer.model`` beside it on any line of the check text or on
+    :data:`BYTE_FALLBACK_TEXT` (with and without its default special tokens), or decoding
+    differs. The batch: ``batch`` rows of ``seq`` ids [batch, seq] of the check text encoded
+    by the shipped tokenizer, as a user of the release gets them."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    hf_dir = Path(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    gen_path = hf_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    vocab = config["vocab_size"]
+    try:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a broken directory
+        raise ParityError(f"parity check: AutoTokenizer cannot load {hf_dir}: {e}") from e
+    problems = []
+    if len(tok) > vocab:
+        problems.append(f"the tokenizer has {len(tok)} ids, config.json vocab_size {vocab}")
+    for role in ("bos", "eos", "pad"):
+        got, want = getattr(tok, f"{role}_token_id"), config.get(f"{role}_token_id")
+        if got != want:
+            problems.append(f"{role}: tokenizer id {got}, config.json {want}")
+        if role != "eos" and gen and gen.get(f"{role}_token_id") != want:
+            problems.append(f"{role}: generation_config.json {gen.get(f'{role}_token_id')}")
+    eos_list = gen.get("eos_token_id")
+    if gen and config.get("eos_token_id") not in (
+        eos_list if isinstance(eos_list, list) else [eos_list]
+    ):
+        problems.append(f"generation_config.json eos_token_id {eos_list} lacks config.json's")
+    texts = _check_text(text)
+    lines = [ln for t in texts for ln in t.split("\n") if ln.strip()] + list(BYTE_FALLBACK_TEXT)
+    plain = tok(lines, add_special_tokens=False)["input_ids"]
+    default = tok(lines)["input_ids"]
+    bos = [tok.bos_token_id] if default and default[0][:1] == [tok.bos_token_id] else []
+    out_of_range = sorted({i for ids in default for i in ids if i >= vocab})
+    if out_of_range:
+        problems.append(f"ids >= vocab_size {vocab}: {out_of_range[:5]}")
+    sp_file = hf_dir / "tokenizer.model"
+    differ = 0
+    if sp_file.is_file():
+        sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+        expected = sp.encode(lines)
+        for line, a, b, d in zip(lines, plain, expected, default, strict=True):
+            if a != b or d != bos + b or tok.decode(a) != sp.decode(b):
+                if not differ:
+                    problems.append(
+                        f"ids differ from SentencePiece's on {line[:40]!r}: {a[:12]} vs {b[:12]}"
+                    )
+                differ += 1
+        if differ:
+            problems.append(f"{differ} of {len(lines)} check lines differ")
+    if problems:
+        raise ParityError(f"parity check: the shipped tokenizer is wrong: {'; '.join(problems)}")
+    rows = []
+    for i in range(batch):
+        ids = tok(texts[i % len(texts)])["input_ids"][i * seq : (i + 1) * seq + seq]
+        if len(ids) < seq:
+            raise ConversionError(f"parity check: text {i} is shorter than {seq} tokens")
+        rows.append(torch.tensor(ids[:seq]))
+    figures = {
+        "lines": len(lines),
+        "sentencepiece_reference": sp_file.is_file(),
+        "adds_bos": bool(bos),
+        "vocab": len(tok),
+    }
+    print(
+        f"[convert] tokenizer from text: AutoTokenizer ids equal SentencePiece's on "
+        f"{len(lines)} lines (byte fallback included), {len(tok)} ids, bos/eos/pad "
+        f"{config.get('bos_token_id')}/{config.get('eos_token_id')}/{config.get('pad_token_id')}"
+        f", BOS {'added' if bos else 'not added'}",
+        flush=True,
+    )
+    return torch.stack(rows), figures
+
+
 def parity_batch(
     vocab_size: int, tokenizer: Path, text: list[str] | None, batch: int = 2, seq: int = 64
 ) -> torch.Tensor:
@@ -53,12 +159,7 @@ def parity_batch(
     small test model's vocabulary are folded into it (the check is about the function)."""
     from megatron_llmjp.data.tokenizer import Tokenizer
 
-    if text is None:
-        files = [_shared_data() / f for f in DEFAULT_TEXT]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ConversionError(f"parity check: text files missing: {missing}; --skip-parity")
-        text = [f.read_text(encoding="utf-8", errors="replace")[:20000] for f in files]
+    text = _check_text(text)
     tok = Tokenizer.from_path(tokenizer)
     rows = []
     for i in range(batch):
@@ -171,14 +272,25 @@ def check_parity(
     tokenizer: Path | None = None,
     manifest: dict | None = None,
 ) -> dict:
-    """Compare logits; raises ``ConversionError`` with the figures unless they agree.
-    ``manifest``: the checkpoint's description (needed for a Megatron-LM checkpoint)."""
+    """Compare logits; raises ``ParityError`` with the figures unless they agree.
+
+    When ``hf_dir`` ships a tokenizer (``tokenizer.json``), the check starts from text:
+    :func:`check_tokenizer` first (a wrong tokenizer fails before any model is loaded), then
+    the logits on ids the shipped tokenizer produced. Otherwise the ids come from the
+    SentencePiece ``tokenizer`` (default: the checkpoint's ``data.tokenizer``, else LLM-jp-4's),
+    folded into the vocabulary. ``manifest``: the checkpoint's description (needed for a
+    Megatron-LM checkpoint)."""
     import yaml
 
     path = Path(ckpt_dir) / "config.yaml"
     config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
     vocab = manifest["model"]["vocab_size"] if manifest else config["model"]["vocab_size"]
-    tokens = parity_batch(vocab, Path(tokenizer) if tokenizer else _tokenizer_path(config), text)
+    tokenizer_figures = None
+    if (Path(hf_dir) / "tokenizer.json").is_file():
+        tokens, tokenizer_figures = check_tokenizer(Path(hf_dir), text)
+    else:
+        tok_path = Path(tokenizer) if tokenizer else _tokenizer_path(config)
+        tokens = parity_batch(vocab, tok_path, text)
     ref = megatron_logits(Path(ckpt_dir), tokens, manifest)
     got = hf_logits(Path(hf_dir), tokens)
     if ref.shape != got.shape:
@@ -194,6 +306,7 @@ def check_parity(
         "rel_diff": max_diff / scale,
         "top1_agreement": top1,
         "thresholds": {"rel_diff": MAX_REL_DIFF, "top1_agreement": MIN_TOP1},
+        "tokenizer": tokenizer_figures,
     }
     result["passed"] = result["rel_diff"] <= MAX_REL_DIFF and top1 >= MIN_TOP1
     print(

@@ -25,6 +25,9 @@ from tests.helpers.spawn import spawn
 
 pytestmark = pytest.mark.distributed
 transformers = pytest.importorskip("transformers")
+TOKENIZER = (
+    Path(__file__).resolve().parents[2].parent / "shared/data/tokenizer/llm-jp-tokenizer-v4.0"
+)
 TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 4}
 COMMON = dict(
     vocab_size=1000,
@@ -48,7 +51,7 @@ def _hf_model(kind: str, out: Path, **save_kw) -> Path:
         model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.Qwen3MoeConfig(
-            intermediate_size=48,  # unused without dense layers; the export writes the expert size
+            intermediate_size=96,  # unused without dense layers; kept through the round trip
             num_experts=4,
             num_experts_per_tok=2,
             moe_intermediate_size=48,
@@ -150,6 +153,11 @@ def test_hf_megatron_hf_roundtrip_is_bit_identical(
     unequal = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
     assert not unequal
     assert _config(hf) == _config(tmp_path / "hf2")
+    raw_in = json.loads((hf / "config.json").read_text())
+    raw_out = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    # Every field of the input config.json comes back (the writer's version aside).
+    raw_in.pop("transformers_version")
+    assert {k: v for k, v in raw_in.items() if raw_out.get(k) != v} == {}
     if kind == "moe":
         assert "model.layers.3.mlp.experts.3.up_proj.weight" in b  # per-expert keys on disk
     assert (tmp_path / "hf2" / "generation_config.json").is_file()
@@ -178,10 +186,10 @@ TRAINED = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,world,overrides", TRAINED, ids=[t[0] for t in TRAINED])
-def test_trained_checkpoint_exports_and_passes_parity(
-    name, world, overrides, tmp_path, shared_data
-):
-    tokenizer = shared_data / "tokenizer" / "llm-jp-tokenizer-v4.0"
+def test_trained_checkpoint_exports_and_passes_parity(name, world, overrides, tmp_path):
+    # A vocabulary of 1000 cannot ship the 196,608-id tokenizer (refused before writing):
+    # exported without one, the parity check feeds LLM-jp-4 ids folded into the vocabulary.
+    # The tokenizer files are tested in test_convert_release.py.
     run = [
         *overrides,
         "model.vocab_size=1000",
@@ -196,9 +204,11 @@ def test_trained_checkpoint_exports_and_passes_parity(
         f"output_dir={tmp_path / 'run'}",
     ]
     spawn(_train, world, run)
-    parity = _in_worker(_export, tmp_path / "ckpt", tmp_path / "hf", {"tokenizer": str(tokenizer)})
+    parity = _in_worker(_export, tmp_path / "ckpt", tmp_path / "hf", {})
     assert parity["passed"] and parity["top1_agreement"] >= 0.99
-    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 6]  # EOS and the EOD that ends training documents
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     bf16 = "bf16" in " ".join(overrides)
     assert cfg["torch_dtype"] == ("bfloat16" if bf16 else "float32")
@@ -277,6 +287,9 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path):
     victim.write_bytes(victim.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="truncated"):
         driver.mcore_to_hf(broken, out, parity=False, progress=False)
+    if TOKENIZER.is_dir():
+        with pytest.raises(ConversionError, match="has 196608 ids, the model's vocabulary is 1000"):
+            driver.mcore_to_hf(tmp_path / "mc", out, tokenizer=str(TOKENIZER), progress=False)
     manifest = json.loads((ckpt / "manifest.json").read_text())
     wrong = tmp_path / "wrong-shape"
     shutil.copytree(tmp_path / "mc", wrong)

@@ -202,6 +202,44 @@ def test_hf_config_matches_the_model_card_and_reads_back(arch, tmp_path):
     assert back.name == ("llm-jp-4-32b-a3b" if arch == "moe" else "llm-jp-4-8b")
 
 
+def test_release_fields_come_back_on_export():
+    """A Qwen3-MoE release declares a dense intermediate_size (96) no layer uses; the model
+    section derives the expert size (48). The import records it; the export writes it back,
+    but the dtype and a tokenizer's ids are the export's own."""
+    from dataclasses import replace
+
+    from megatron_llmjp.checkpoint.manifest import model_section
+    from megatron_llmjp.models.registry import get_model
+
+    model = get_model("llm-jp-4-tiny-moe")
+    derived = hf_config.to_hf_config(
+        model_section(model, 1, "sequential"), torch.float32, hf_config.LLMJP4_TOKEN_IDS
+    )
+    release = {**derived, "intermediate_size": 96, "max_window_layers": 28, "torch_dtype": "bf16"}
+    release.update(eos_token_id=7)
+    kept = hf_config.release_fields(release, model_section(model, 1, "sequential"))
+    assert kept == {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "intermediate_size": 96,
+        "max_window_layers": 28,
+        "eos_token_id": 7,
+    }
+    section = model_section(replace(model, hf_config=json.dumps(kept)), 2, "sequential")
+    assert section["hf_config"] == kept
+    back = hf_config.to_hf_config(section, torch.bfloat16, hf_config.LLMJP4_TOKEN_IDS)
+    assert {k: back[k] for k in kept} == kept and back["torch_dtype"] == "bfloat16"
+    ids = hf_config.to_hf_config(
+        section, torch.float32, hf_config.LLMJP4_TOKEN_IDS, tokenizer_ids=True
+    )
+    assert ids["eos_token_id"] == 2 and ids["intermediate_size"] == 96
+    dense = replace(get_model("llm-jp-4-tiny-dense"), hf_config=json.dumps(kept))
+    other = hf_config.to_hf_config(
+        model_section(dense, 1, "none"), torch.float32, hf_config.LLMJP4_TOKEN_IDS
+    )
+    assert other["intermediate_size"] == 192  # recorded for another architecture: ignored
+    assert hf_config.release_fields(derived, model_section(model, 1, "sequential")) == {}
+
+
 def test_hf_config_refusals(tmp_path):
     base = hf_config.to_hf_config(_section("dense"), torch.float32, hf_config.LLMJP4_TOKEN_IDS)
     for change, match in (
