@@ -14,8 +14,9 @@ vocabulary from them, ``--vocab-size`` or ``--tokenizer``); the output of ``hf-t
 loads into any layout with ``checkpoint.load=OUTPUT checkpoint.load_optimizer=false``. Both
 directions stream layer by layer, write under a temporary name, and compare the logits of the
 two models on real text before renaming it into place (``--skip-parity`` for models too large
-to run). Exit status: 0 done, 2 bad input (nothing written), 3 parity check failed (nothing
-written).
+to run); with ``--tokenizer`` the check starts from text through the shipped tokenizer.
+Exit status: 0 done, 2 bad input (nothing written), 3 parity check failed, the shipped
+tokenizer included (nothing written).
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="replace an existing --output")
         s.add_argument("--no-progress", action="store_true")
         if name == "mcore-to-hf":
-            s.add_argument("--tokenizer", help="tokenizer directory to copy (and read ids from)")
+            s.add_argument(
+                "--tokenizer",
+                help="tokenizer folder (SentencePiece *.model and/or tokenizer.json): the "
+                "release's tokenizer files, token ids and generation stop ids come from it",
+            )
             s.add_argument(
                 "--vocab-size",
                 type=int,
