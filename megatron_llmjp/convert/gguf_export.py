@@ -31,8 +31,9 @@ A vocabulary shorter than ``config.json``'s ``vocab_size`` is padded with ``[PAD
 entries; a longer one is refused. bos/eos/pad ids come from ``config.json`` (checked against the
 tokenizer's), unknown from the SentencePiece model, EOT from the tokenizer's end-of-document
 piece (so llama.cpp stops where training documents end), add-BOS/add-EOS from
-``tokenizer_config.json`` (``add_bos_token`` absent: true, llama.cpp's own default for this
-vocabulary type), the chat template from ``tokenizer_config.json`` or ``chat_template.jinja``.
+``tokenizer_config.json`` (``add_bos_token`` absent: false, the trainer's policy: documents
+are encoded without BOS; llama.cpp would otherwise assume true for this vocabulary type, so the
+key is always written), the chat template from ``tokenizer_config.json`` or ``chat_template.jinja``.
 
 Streaming: tensor by tensor, each read in blocks of rows straight into the output array, so the
 peak memory is about the largest output tensor (the embedding, or one layer's stacked experts).
@@ -293,7 +294,7 @@ def read_vocab(directory: Path, cfg: dict, vocab_size: int) -> Vocab:
         pad=ids["pad"],
         unk=unk,
         eot=eot,
-        add_bos=bool(tok_cfg.get("add_bos_token", True)),
+        add_bos=bool(tok_cfg.get("add_bos_token", False)),
         add_eos=bool(tok_cfg.get("add_eos_token", False)),
         chat_template=template if isinstance(template, str) else None,
     )

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megatron_llmjp.convert.gguf_export import hf_to_gguf, read_vocab
+from megatron_llmjp.convert.hf_tokenizer import export_tokenizer
 from megatron_llmjp.convert.transforms import ConversionError
 from tests.conftest import SHARED_DATA
 
@@ -42,8 +43,8 @@ COMMON = dict(
 
 
 def _export(kind: str, out: Path) -> Path:
-    """What ``mcore-to-hf --tokenizer llm-jp-tokenizer-v4.0`` writes, made with transformers:
-    sharded safetensors, config.json, tokenizer.model, tokenizer_config.json, chat template."""
+    """What ``mcore-to-hf --tokenizer llm-jp-tokenizer-v4.0`` writes: sharded safetensors and
+    config.json (made with transformers), and the tokenizer files of the export's own writer."""
     torch.manual_seed(0)
     if kind == "dense":
         model = transformers.LlamaForCausalLM(
@@ -63,9 +64,7 @@ def _export(kind: str, out: Path) -> Path:
         for name, p in model.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.15)
     model.save_pretrained(out, max_shard_size="8MB")
-    shutil.copy(SP_MODEL, out / "tokenizer.model")
-    for f in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        shutil.copy(TOKENIZER / f, out / f)
+    export_tokenizer(TOKENIZER, out)  # the tokenizer files mcore-to-hf writes
     return out
 
 
@@ -225,7 +224,9 @@ def test_metadata_matches_config_and_tokenizer(exports, converted):
         assert f["tokenizer.ggml.padding_token_id"] == cfg["pad_token_id"] == 4
         assert f["tokenizer.ggml.unknown_token_id"] == 0
         assert f["tokenizer.ggml.eot_token_id"] == 6  # end of document: where generation stops
-        assert f["tokenizer.ggml.add_bos_token"] is True  # tokenizer_config.json's add_bos_token
+        # The export's policy (tokenizer_config.json): no BOS, as in training.
+        assert f["tokenizer.ggml.add_bos_token"] is False
+        assert f["tokenizer.ggml.add_eos_token"] is False
         assert f["tokenizer.chat_template"] == (TOKENIZER / "chat_template.jinja").read_text()
 
     tokens, scores, types = (
@@ -268,7 +269,7 @@ def test_vocab_from_the_sentencepiece_model_alone(tmp_path):
     assert set(v.types[3:352]) == {4}  # USER_DEFINED, matched verbatim like SentencePiece
     assert v.tokens[VOCAB:] == [f"[PAD{i}]" for i in range(VOCAB, VOCAB + 8)]
     assert set(v.types[VOCAB:]) == {5}
-    assert (v.bos, v.eos, v.pad, v.unk, v.eot, v.add_bos) == (1, 2, 4, 0, 6, True)
+    assert (v.bos, v.eos, v.pad, v.unk, v.eot, v.add_bos) == (1, 2, 4, 0, 6, False)
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(exports, tmp_path, capsys):
