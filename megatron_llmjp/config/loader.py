@@ -14,12 +14,19 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from megatron_llmjp.config.errors import ConfigError
+from megatron_llmjp.config.presets import MODELS
 from megatron_llmjp.config.schema import ModelConfig, RunConfig
-from megatron_llmjp.models.registry import MODELS
 
-
-class ConfigError(ValueError):
-    """A configuration problem found before any expensive work starts."""
+__all__ = [
+    "ConfigError",
+    "build_config",
+    "build_dataclass",
+    "dump_yaml",
+    "load_yaml",
+    "parse_overrides",
+    "to_dict",
+]
 
 
 _Where = dict[str, str]  # dotted key -> "file:line" for messages

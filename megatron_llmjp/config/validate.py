@@ -1,10 +1,14 @@
-"""Checks of a ``RunConfig`` that need no process group (world size comes from the environment)."""
+"""Checks of a ``RunConfig`` that need no process group (world size comes from the environment).
+
+The precision recipe and mixture checks live with their code and are called at validation
+time (function-local imports), so importing ``config/`` never imports the layers above it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_llmjp.config.loader import ConfigError
+from megatron_llmjp.config.errors import ConfigError
 from megatron_llmjp.config.schema import RunConfig
 
 

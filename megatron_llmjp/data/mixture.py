@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_llmjp.config.loader import ConfigError, load_yaml
+from megatron_llmjp.config.errors import ConfigError
+from megatron_llmjp.config.loader import load_yaml
 
 
 @dataclass(frozen=True)

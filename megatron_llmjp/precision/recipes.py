@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_llmjp.config.loader import ConfigError
+from megatron_llmjp.config.errors import ConfigError
 from megatron_llmjp.config.schema import PrecisionConfig, RunConfig
 
 _FP8_ONLY = (
