@@ -37,6 +37,32 @@ class Layout:
         )
 
 
+def check_query_groups(m: ModelConfig, tp: int) -> None:
+    """The KV-head rule of megatron-core 0.16.1's ``Attention``: with at least ``tp`` query
+    groups each TP rank holds ``num_query_groups / tp`` of them; with fewer, each group's K/V
+    heads are replicated on ``tp / num_query_groups`` ranks (the fused QKV output is gathered
+    and every rank takes its group's slice), so ``tp`` must be a multiple of the groups. The
+    fused QKV projection, ``(heads + 2 * groups) * kv_channels`` rows, is split over ``tp``."""
+    groups = m.num_query_groups
+    if groups >= tp and groups % tp:
+        raise LayoutError(
+            f"model.num_query_groups={groups} is not divisible by parallel.tp={tp} (with "
+            "fewer groups than TP ranks, tp must be a multiple of the groups)"
+        )
+    if groups < tp and tp % groups:
+        raise LayoutError(
+            f"parallel.tp={tp} is larger than model.num_query_groups={groups} but not a "
+            "multiple of it: megatron-core replicates each KV group on tp / num_query_groups "
+            "ranks"
+        )
+    rows = (m.num_attention_heads + 2 * groups) * m.kv_channels
+    if rows % tp:
+        raise LayoutError(
+            f"the fused QKV projection's (model.num_attention_heads + 2*num_query_groups) * "
+            f"kv_channels = {rows} rows are not divisible by parallel.tp={tp}"
+        )
+
+
 def make_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world: int) -> Layout:
     """Derive dp and check every divisibility rule the trainer relies on."""
     for name in ("tp", "pp", "cp", "ep"):
@@ -75,10 +101,7 @@ def make_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world: int) -
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
             f"parallel.tp={p.tp}"
         )
-    if m.num_query_groups % p.tp:
-        raise LayoutError(
-            f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}"
-        )
+    check_query_groups(m, p.tp)
     if m.num_layers % p.pp:
         raise LayoutError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
     vpp = p.vpp if p.vpp and p.vpp > 1 else None

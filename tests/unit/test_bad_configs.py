@@ -50,8 +50,16 @@ CASES = [
     (
         "query_groups_not_divisible_by_tp",
         4,
-        ["parallel.tp=4"],  # tiny-dense: 4 heads (ok for tp4), 2 query groups (not ok)
-        ["model.num_query_groups=2", "parallel.tp=4"],
+        # 12 heads (ok for tp4), 6 query groups (neither a multiple nor a divisor of 4)
+        ["model.num_attention_heads=12", "model.num_query_groups=6", "parallel.tp=4"],
+        ["model.num_query_groups=6", "parallel.tp=4"],
+    ),
+    (
+        "tp_not_a_multiple_of_fewer_query_groups",
+        4,
+        # 12 heads, 3 query groups: megatron-core would replicate KV only for tp % 3 == 0
+        ["model.num_attention_heads=12", "model.num_query_groups=3", "parallel.tp=4"],
+        ["parallel.tp=4", "model.num_query_groups=3", "multiple"],
     ),
     (
         "layers_not_divisible_by_pp",

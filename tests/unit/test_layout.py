@@ -129,3 +129,32 @@ def test_global_batch_rule_uses_derived_dp():
     assert layout(8, DENSE, TrainConfig(micro_batch_size=2, global_batch_size=8), pp=2).dp == 4
     with pytest.raises(LayoutError, match=r"2\*4 = 8"):
         layout(8, DENSE, TrainConfig(micro_batch_size=2, global_batch_size=12), pp=2)
+
+
+def test_tp_may_replicate_kv_groups_when_a_multiple_of_them():
+    """megatron-core replicates each KV group on tp / num_query_groups ranks."""
+    assert layout(4, DENSE, tp=4).tp == 4  # 4 heads, 2 groups: each group on 2 ranks
+    assert layout(4, MOE, tp=4, ep=1).tp == 4
+
+
+@pytest.mark.parametrize(
+    "heads,groups,tp,fragment",
+    [
+        (12, 3, 4, r"parallel\.tp=4 is larger than model\.num_query_groups=3 but not a multiple"),
+        (12, 6, 4, r"model\.num_query_groups=6 is not divisible by parallel\.tp=4"),
+    ],
+)
+def test_tp_and_query_groups_megatron_core_cannot_run(heads, groups, tp, fragment):
+    from dataclasses import replace
+
+    model = replace(DENSE, num_attention_heads=heads, num_query_groups=groups)
+    with pytest.raises(LayoutError, match=fragment):
+        layout(tp, model, tp=tp)
+
+
+def test_fused_qkv_rows_must_split_over_tp():
+    from dataclasses import replace
+
+    model = replace(DENSE, num_attention_heads=4, num_query_groups=1, kv_channels=1)
+    with pytest.raises(LayoutError, match=r"fused QKV .* = 6 rows are not divisible"):
+        layout(4, model, tp=4)
