@@ -49,9 +49,11 @@ def _tokenizer_path(ckpt_config: dict) -> Path:
     for c in candidates:
         if str(c) and c.exists():
             return c
+    tried = ", ".join(str(c) for c in candidates)
     raise ConversionError(
-        "parity check: no tokenizer found (checkpoint's data.tokenizer and "
-        f"{candidates[-1]}); pass --parity-tokenizer or --skip-parity"
+        f"parity check: no tokenizer to encode the check text (tried the checkpoint's "
+        f"data.tokenizer and the shared LLM-jp-4 one: {tried}); give one (mcore-to-hf "
+        "--tokenizer DIR, hf-to-mcore --set data.tokenizer=DIR) or pass --skip-parity"
     )
 
 
