@@ -39,12 +39,28 @@ class Data:
     stage: str | None = None
 
 
-def build_data(cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int = 0) -> Data:
-    """Train (and valid) batches; ``stage_start`` is the iteration the data stage began at."""
+def build_data(
+    cfg: RunConfig,
+    dp_rank: int,
+    dp_size: int,
+    stage_start: int = 0,
+    *,
+    iteration: int | None = None,
+    stage_consumed: int = 0,
+) -> Data:
+    """Train (and valid) batches; ``stage_start`` is the iteration the data stage began at.
+
+    A resumed run passes its ``iteration`` and the samples the stage has already consumed
+    (``stage_consumed``): a mixture stage then holds ``stage_consumed + (train.iters -
+    iteration) x train.global_batch_size`` samples, so a resume with another global batch size
+    finds every sample it needs. Without ``iteration`` the stage starts at ``stage_start``."""
     t, d = cfg.train, cfg.data
     seed = t.seed if d.seed is None else d.seed
     if d.mixture is not None:
-        return _mixture_data(cfg, dp_rank, dp_size, stage_start, seed)
+        if iteration is None:
+            iteration, stage_consumed = stage_start, 0
+        needed = stage_samples(t.iters, t.global_batch_size, iteration, stage_consumed)
+        return _mixture_data(cfg, dp_rank, dp_size, stage_start, seed, needed)
     if d.synthetic:
         n = max(4 * t.global_batch_size * (t.seq_length + 1), 1 << 16)
         tokens = synthetic_token_stream(n, cfg.model.vocab_size, seed)
@@ -82,7 +98,15 @@ def _mixture_token_ids(cfg: RunConfig):
     return TokenIds(tok.eod_id, tok.pad_id, tok.vocab_size)
 
 
-def _mixture_data(cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int, seed: int):
+def stage_samples(iters: int, global_batch_size: int, iteration: int, consumed: int) -> int:
+    """Samples a data stage must hold to reach ``iters``: the ``consumed`` ones read before
+    ``iteration`` plus ``global_batch_size`` for each step left (at least one step)."""
+    return int(consumed) + max(int(iters) - int(iteration), 1) * int(global_batch_size)
+
+
+def _mixture_data(
+    cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int, seed: int, needed: int
+):
     import torch
 
     from megatron_llmjp.data.indexed import DatasetBatches, build_blend, samples_for
@@ -91,17 +115,17 @@ def _mixture_data(cfg: RunConfig, dp_rank: int, dp_size: int, stage_start: int, 
     t, d = cfg.train, cfg.data
     mixture = load_mixture(d.mixture)
     stage = mixture.stage(d.stage)
-    iters = t.iters - stage_start
     if stage.tokens is not None:
         train_samples = samples_for(stage.tokens, t.seq_length)
-        if iters * t.global_batch_size > train_samples:
+        if needed > train_samples:
             raise ConfigError(
                 f"{d.mixture}: stage {stage.name} budget of {stage.tokens} tokens is "
                 f"{train_samples} samples of {t.seq_length} tokens, but train.iters={t.iters} "
-                f"(from iteration {stage_start}) needs {iters * t.global_batch_size}"
+                f"(stage from iteration {stage_start}, global batch {t.global_batch_size}) "
+                f"needs {needed}"
             )
     else:
-        train_samples = max(iters, 1) * t.global_batch_size
+        train_samples = needed
     token_ids = _mixture_token_ids(cfg)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     cache = Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir) / "dataset_cache"

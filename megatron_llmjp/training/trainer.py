@@ -175,13 +175,6 @@ def _schedule(
     )
 
 
-def _now() -> float:
-    """Wall-clock seconds for the step timers, after the device's queued work (on CUDA)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def train_step(
     state: _State, cfg: RunConfig, step: int, consumed_samples: int, monitor: FaultMonitor
 ) -> dict:
@@ -193,19 +186,14 @@ def train_step(
 
     Between the backward pass and the update, every rank reports non-finite losses/gradients
     and received exit signals in one all-reduce (``FaultMonitor.decide``), so a bad step is
-    skipped or stopped on all ranks at once and the weights are never touched by it.
-
-    The scalars include this rank's phase timers in seconds (``time_data``,
-    ``time_forward_backward``, ``time_optimizer``; on CUDA measured after a synchronise)."""
+    skipped or stopped on all ranks at once and the weights are never touched by it."""
     from megatron.core import parallel_state as ps
 
-    t_start = _now()
     lr = state.schedule.apply(consumed_samples)
     for m in state.model:
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
     micro = state.data.train.microbatches(step)
-    t_data = _now()
     losses = _schedule(state, cfg, micro, poison=monitor.injected("nan_loss", step + 1))
     if monitor.injected("nan_grad", step + 1):
         poison_grads(state.model)
@@ -214,7 +202,6 @@ def train_step(
     if last_stage:
         for out in losses:
             totals += out["lm loss"].detach().to("cpu", torch.float64)
-    t_fwd_bwd = _now()
     verdict = monitor.decide(
         step + 1,
         loss_bad=not bool(torch.isfinite(totals).all()),
@@ -224,7 +211,6 @@ def train_step(
     grad_norm = None
     if verdict.apply_update:
         _, grad_norm, _ = state.optimizer.step()
-    t_opt = _now()
     if last_stage:
         totals = totals.to(local_device())
         torch.distributed.all_reduce(
@@ -236,9 +222,6 @@ def train_step(
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "skipped": int(not verdict.apply_update),
         "stop_signal": verdict.stop_for_signal,
-        "time_data": t_data - t_start,
-        "time_forward_backward": t_fwd_bwd - t_data,
-        "time_optimizer": t_opt - t_fwd_bwd,
     }
     if cfg.model.is_moe:
         scalars.update(_moe_losses(cfg.model.num_layers, len(micro)))
@@ -288,7 +271,12 @@ def _build_data(cfg: RunConfig, progress: Progress, is_logger: bool):
                 flush=True,
             )
     data = build_data(
-        cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), stage_start=start
+        cfg,
+        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(),
+        stage_start=start,
+        iteration=progress.iteration,
+        stage_consumed=position,
     )
     data.train.resume_at(progress.iteration, position)
     progress.data_stage, progress.stage_start_iteration = stage, start
@@ -342,9 +330,8 @@ def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
 
         queue = AsyncCallsQueue()
 
-    def save(progress: Progress) -> float:
-        """Save ``progress``; returns the seconds training was blocked."""
-        t0 = _now()
+    def save(progress: Progress) -> None:
+        t0 = time.perf_counter()
         save_checkpoint(
             state.model,
             state.optimizer,
@@ -354,15 +341,13 @@ def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
             async_queue=queue,
             before_publish=monitor.before_publish,
         )
-        blocked = _now() - t0
         if monitor.rank == monitor.world - 1:
             note = " (shards are written in the background)" if queue is not None else ""
             print(
                 f"[llmjp] checkpoint of iteration {progress.iteration}: training blocked "
-                f"{blocked:.2f} s{note}",
+                f"{time.perf_counter() - t0:.2f} s{note}",
                 flush=True,
             )
-        return blocked
 
     return save, queue
 
@@ -440,7 +425,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         monitor.install_signal_handlers()
         for step in range(progress.iteration, cfg.train.iters):
             monitor.at_step_start(step + 1)
-            t0 = _now()
+            t0 = time.perf_counter()
             try:
                 scalars = train_step(state, cfg, step, progress.consumed_samples, monitor)
             except Exception as e:
@@ -452,7 +437,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                     ) from e
                 raise
-            dt = _now() - t0
+            dt = time.perf_counter() - t0
             progress.iteration = step + 1
             progress.consumed_samples += gbs
             progress.stage_consumed_samples += gbs
@@ -471,16 +456,15 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             if every and ((step + 1) % every == 0 or step + 1 == cfg.train.iters):
                 record["valid_loss"] = evaluate(state, cfg)
             history.append(record)
-            interval = cfg.checkpoint.interval
-            record["time_checkpoint"] = 0.0
-            if save and (stop or (interval and progress.iteration % interval == 0)):
-                record["time_checkpoint"] = save(progress)
-                last_saved = progress.iteration
             log_now = (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters
             if log_now or stop:
                 record.update(telemetry.collect(step + 1))  # collective: every rank calls it
             if writer and (log_now or stop):
                 writer.write(record)
+            interval = cfg.checkpoint.interval
+            if save and (stop or (interval and progress.iteration % interval == 0)):
+                save(progress)
+                last_saved = progress.iteration
             if queue is not None:
                 queue.maybe_finalize_async_calls(blocking=False)
             if stop:
