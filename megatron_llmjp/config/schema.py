@@ -256,6 +256,16 @@ class LoggingConfig:
     gpu_telemetry: bool = True
     """Per-rank GPU utilisation, memory, power, temperature and throttling via NVML at the
     logging interval (one info line and nothing else where NVML is missing)."""
+    wandb_project: str | None = None
+    """Weights & Biases project; set it to log the same scalars as TensorBoard and the resolved
+    config to W&B from the logging rank (needs the ``wandb`` extra). A run resumed in the same
+    ``output_dir`` continues the same W&B run (its id is kept in ``output_dir/wandb_run_id``)."""
+    wandb_entity: str | None = None
+    """W&B team or user (null: the account's default entity)."""
+    wandb_run_name: str | None = None
+    """Display name of the W&B run (null: the name of ``output_dir``)."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    """``offline`` writes the run under ``output_dir/wandb`` for a later ``wandb sync``."""
 
 
 @dataclass(kw_only=True)

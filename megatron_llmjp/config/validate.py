@@ -78,6 +78,17 @@ def validate_static(cfg: RunConfig) -> None:
 
     validate_precision(cfg)
     _positive(cfg.logging.interval, "logging.interval")
+    lg = cfg.logging
+    if lg.wandb_project is not None and lg.wandb_mode != "disabled":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"logging.wandb_project={lg.wandb_project!r} needs the wandb package "
+                "(pip install 'megatron-llmjp[wandb]'), or set logging.wandb_mode=disabled"
+            )
+    elif lg.wandb_project is None and (lg.wandb_entity or lg.wandb_run_name):
+        raise ConfigError("logging.wandb_entity / wandb_run_name are set but wandb_project is not")
     c, f = cfg.checkpoint, cfg.fault
     _positive(c.interval, "checkpoint.interval", allow_zero=True)
     if c.keep_last is not None:
