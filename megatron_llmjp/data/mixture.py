@@ -27,6 +27,7 @@ against the current directory, like every path in a run config.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,30 +144,66 @@ def load_mixture(path: str | Path) -> Mixture:
     return Mixture(p, {str(k): v for k, v in sources.items()}, stages, max_epochs)
 
 
-def natural_tokens(prefix: str) -> int:
-    """Tokens in an indexed dataset (EOD included), read from its ``.idx`` only."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+"""megatron-core's ``.idx`` header: magic, version, dtype code, sequence and document counts."""
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+"""Item size of each ``DType`` code of ``megatron.core.datasets.indexed_dataset``."""
 
-    if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
+
+def check_indexed(prefix: str, where: str = "dataset") -> int:
+    """Check that ``prefix``.bin/.idx form a readable megatron indexed dataset and return its
+    tokens (EOD included), reading the ``.idx`` header and tables only.
+
+    The ``.bin`` must hold exactly the bytes the ``.idx`` describes: a truncated or padded copy
+    fails here, before any process group exists, rather than at the step that first reads it.
+    ``where`` prefixes every error (e.g. the mixture file and source)."""
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    for p in (bin_, idx):
+        if not p.is_file():
+            raise ConfigError(
+                f"{where}: {p} not found (cwd: {Path.cwd()}); build it with llmjp-preprocess"
+            )
+    idx_size = idx.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+        if len(head) < _IDX_HEADER.size:
+            raise ConfigError(f"{where}: {idx} is {idx_size} bytes, too short for an index")
+        magic, _version, code, n, n_docs = _IDX_HEADER.unpack(head)
+        if magic != _IDX_MAGIC or code not in _DTYPE_SIZES:
+            raise ConfigError(f"{where}: {idx} is not a megatron indexed-dataset index")
+        want_idx = _IDX_HEADER.size + n * (4 + 8) + n_docs * 8
+        if idx_size != want_idx:
+            raise ConfigError(
+                f"{where}: {idx} is {idx_size:,} bytes but its header describes {n:,} "
+                f"sequences and {n_docs:,} documents ({want_idx:,} bytes): truncated or corrupt"
+            )
+        lengths = np.fromfile(f, dtype=np.int32, count=n)
+        pointers = np.fromfile(f, dtype=np.int64, count=n)
+    itemsize = _DTYPE_SIZES[code]
+    want = int(pointers[-1]) + int(lengths[-1]) * itemsize if n else 0
+    actual = bin_.stat().st_size
+    if actual != want:
         raise ConfigError(
-            f"dataset {prefix}.bin/.idx not found (cwd: {Path.cwd()}); build it with "
-            "llmjp-preprocess"
+            f"{where}: {bin_} is {actual:,} bytes but {idx.name} describes {want:,} bytes "
+            f"({n:,} sequences of {itemsize}-byte tokens): truncated, padded or from another "
+            "run; rebuild it with llmjp-preprocess"
         )
-    dataset = IndexedDataset(prefix, mmap=True)  # keep it alive: the lengths view its mmap
-    return int(dataset.sequence_lengths.sum(dtype=np.int64))
+    return int(lengths.sum(dtype=np.int64))
+
+
+def natural_tokens(prefix: str) -> int:
+    """Tokens in an indexed dataset (EOD included), read from its ``.idx`` only, after
+    :func:`check_indexed`."""
+    return check_indexed(prefix)
 
 
 def check_datasets(path: str | Path, stage_name: str | None) -> None:
-    """Every dataset the stage samples from exists (both files), else name the missing one."""
+    """Every dataset the stage samples from exists (both files) and its ``.bin`` has the size
+    its ``.idx`` describes, else name the file, expected and actual size."""
     mixture = load_mixture(path)
     for m in mixture.stage(stage_name).mix:
-        prefix = mixture.sources[m.name]
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).is_file():
-                raise ConfigError(
-                    f"{path}: source {m.name}: {prefix}{ext} not found (cwd: {Path.cwd()}); "
-                    "build it with llmjp-preprocess"
-                )
+        check_indexed(mixture.sources[m.name], f"{path}: source {m.name}")
 
 
 def shares(stage: Stage, natural: dict[str, int]) -> dict[str, float]:
@@ -210,7 +247,10 @@ def plan_stage(
     budget_from: str | None = None,
 ) -> StagePlan:
     """Natural and sampled tokens, share and epochs per source for one stage."""
-    natural = natural or {m.name: natural_tokens(mixture.sources[m.name]) for m in stage.mix}
+    natural = natural or {
+        m.name: check_indexed(mixture.sources[m.name], f"{mixture.path}: source {m.name}")
+        for m in stage.mix
+    }
     if budget is None and stage.tokens is None:
         budget, source = sum(natural[m.name] for m in stage.mix), "natural total (no budget)"
     elif budget is None:

@@ -101,3 +101,55 @@ def test_stage_token_budget_counts_the_consumed_samples(tmp_path, group):
     build_data(cfg, 0, 1)  # 16 samples from the start: within the budget
     with pytest.raises(ConfigError, match=r"needs 24"):
         build_data(cfg, 0, 1, iteration=2, stage_consumed=16)
+
+
+def _truncate(prefix: str, drop: int = 8) -> tuple[int, int]:
+    path = Path(prefix + ".bin")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - drop)
+    return size, size - drop
+
+
+def test_truncated_bin_is_named_with_sizes_by_every_reader(mixture, tmp_path, capsys):
+    """The trainer's preflight, ``llmjp-mixture plan`` and the natural-token count all refuse a
+    ``.bin`` shorter than its ``.idx`` says, naming the file and both sizes."""
+    from megatron_llmjp.cli.mixture import main as mixture_main
+    from megatron_llmjp.data.mixture import check_datasets, check_indexed, natural_tokens
+
+    prefix = str(tmp_path / "data" / "a")
+    tokens = check_indexed(prefix)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    assert tokens == int(IndexedDataset(prefix).sequence_lengths.sum())
+    want, actual = _truncate(prefix)
+    message = rf"{prefix}\.bin is {actual:,} bytes but a\.idx describes {want:,} bytes"
+    with pytest.raises(ConfigError, match=message):
+        check_datasets(mixture, None)
+    with pytest.raises(ConfigError, match=message):
+        natural_tokens(prefix)
+    assert mixture_main(["plan", str(mixture)]) == 2
+    assert f"{prefix}.bin is {actual:,} bytes" in capsys.readouterr().err
+
+
+def test_preflight_refuses_a_truncated_bin_before_any_process_group(mixture, tmp_path):
+    import torch
+
+    from megatron_llmjp.parallel.dist import RankInfo
+    from megatron_llmjp.training.trainer import check_runtime
+
+    _truncate(str(tmp_path / "data" / "b"), drop=1)
+    cfg = _cfg(mixture, tmp_path, "train.global_batch_size=4", "train.iters=4")
+    with pytest.raises(ConfigError, match=r"b\.bin is .* bytes but b\.idx describes"):
+        check_runtime(cfg, RankInfo(rank=0, local_rank=0, world_size=1, source="single"))
+    assert not torch.distributed.is_initialized()
+
+
+def test_idx_that_disagrees_with_its_header_is_refused(tmp_path):
+    from megatron_llmjp.data.mixture import check_indexed
+
+    prefix = make_dataset(tmp_path / "c", docs=10)
+    idx = Path(prefix + ".idx")
+    idx.write_bytes(idx.read_bytes()[:-4])
+    with pytest.raises(ConfigError, match=r"c\.idx is .* bytes but its header describes 10"):
+        check_indexed(prefix)
