@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_llmjp.config.errors import ConfigError
 from megatron_llmjp.config.loader import build_config
 from megatron_llmjp.parallel.layout import LayoutError, make_layout
 
@@ -239,7 +240,10 @@ def _minimal_dirs(paths: list[Path]) -> list[str]:
 def _config_paths(cfg, workdir: Path) -> tuple[list[Path], list[Path]]:
     """(paths to bind, output dirs to create) for the data, checkpoints and outputs of ``cfg``.
 
-    Inputs must exist now: a missing text file fails here rather than after the queue wait.
+    Inputs must exist now: a missing text file, mixture or dataset (or a ``.bin`` shorter than
+    its ``.idx``) fails here rather than after the queue wait. Only the data source the run
+    uses is checked: with ``data.mixture``, its file and the stage's datasets, not
+    ``data.text_files``.
     """
 
     def absolute(p: str) -> Path:
@@ -249,9 +253,14 @@ def _config_paths(cfg, workdir: Path) -> tuple[list[Path], list[Path]]:
     binds: list[Path] = []
     outputs: list[Path] = []
     inputs: list[tuple[str, str]] = []
-    if not cfg.data.synthetic:
-        inputs.append(("data.tokenizer", cfg.data.tokenizer))
-        inputs += [(f"data.text_files[{i}]", f) for i, f in enumerate(cfg.data.text_files)]
+    d = cfg.data
+    if d.mixture is not None:
+        inputs.append(("data.mixture", d.mixture))
+        if d.null_tokenizer_vocab_size is None:
+            inputs.append(("data.tokenizer", d.tokenizer))
+    elif not d.synthetic:
+        inputs.append(("data.tokenizer", d.tokenizer))
+        inputs += [(f"data.text_files[{i}]", f) for i, f in enumerate(d.text_files)]
     if cfg.checkpoint.load:
         inputs.append(("checkpoint.load", cfg.checkpoint.load))
     for key, raw in inputs:
@@ -259,9 +268,32 @@ def _config_paths(cfg, workdir: Path) -> tuple[list[Path], list[Path]]:
         if not p.exists():
             raise LaunchError(f"{key}={raw}: {p} does not exist (the job would fail at start)")
         binds.append(p if p.is_dir() else p.parent)
+    if d.mixture is not None:
+        binds += _mixture_dirs(d.mixture, d.stage, workdir)
     if cfg.checkpoint.dir:
         outputs.append(absolute(cfg.checkpoint.dir))
     return binds, outputs
+
+
+def _mixture_dirs(mixture: str, stage: str | None, workdir: Path) -> list[Path]:
+    """Folders of the stage's datasets, each checked as the trainer's preflight does (both
+    files, ``.bin`` size against the ``.idx``); prefixes are relative to ``workdir``, where the
+    job runs."""
+    from megatron_llmjp.data.mixture import check_indexed, load_mixture
+
+    path = Path(mixture).expanduser()
+    mix = load_mixture(path if path.is_absolute() else workdir / path)
+    dirs = []
+    for m in mix.stage(stage).mix:
+        raw = mix.sources[m.name]
+        q = Path(raw).expanduser()
+        prefix = (q if q.is_absolute() else workdir / q).resolve()
+        try:
+            check_indexed(str(prefix), f"data.mixture={mixture}: source {m.name}")
+        except ConfigError as e:
+            raise LaunchError(f"{e} (the job would fail at start)") from None
+        dirs.append(prefix.parent)
+    return dirs
 
 
 def _parse_env(items: tuple[str, ...]) -> dict[str, str]:

@@ -4,6 +4,7 @@ rules the trainer applies when a launcher leaves MASTER_ADDR unset."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -24,6 +25,7 @@ from megatron_llmjp.launch.jobscript import (
 )
 from megatron_llmjp.launch.plan import (
     PACKAGE_ROOT,
+    LaunchError,
     LaunchRequest,
     format_walltime,
     make_plan,
@@ -513,3 +515,60 @@ def test_rank0_address_is_local_and_bindable():
     addr = _address_reachable_from([me, "localhost"])
     with socket.socket() as s:
         s.bind((addr, 0))  # fails unless the address belongs to this machine
+
+
+# --- a mixture run: its file and datasets are bound and checked; text_files are not used ------
+
+
+def _mixture_plan(tmp_path: Path, sif: Path, sources: dict[str, str]):
+    mix = tmp_path / "mixtures" / "mix.yaml"
+    mix.parent.mkdir(exist_ok=True)
+    body = "".join(f"  {k}: {v}\n" for k, v in sources.items())
+    weights = ", ".join(f"{k}: {{weight: {1 / len(sources)}}}" for k in sources)
+    mix.write_text(f"sources:\n{body}stages:\n  pretrain:\n    mix: {{{weights}}}\n")
+    return mix, LaunchRequest(
+        scheduler="slurm",
+        nodes=1,
+        gpus_per_node=8,
+        container=str(sif),
+        walltime="01:00:00",
+        output_dir=str(tmp_path / "run"),
+        overrides=(
+            "model.name=llm-jp-4-tiny-dense",
+            f"data.mixture={mix}",
+            "data.null_tokenizer_vocab_size=1000",
+            # data.text_files keep their default (files that do not exist here): not used.
+        ),
+        workdir=str(tmp_path),
+    )
+
+
+def _dataset(prefix: Path) -> str:
+    from tests.unit.test_indexed_data import make_dataset
+
+    return make_dataset(prefix, docs=5)
+
+
+def test_mixture_file_and_dataset_folders_are_bound(tmp_path, sif, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    a = _dataset(tmp_path / "ja" / "a")
+    _dataset(tmp_path / "en" / "b")
+    mix, req = _mixture_plan(tmp_path, sif, {"a": a, "b": "../en/b"})  # relative: the workdir
+    plan = make_plan(dataclasses.replace(req, workdir=str(work)))
+    want = {str(mix.parent), str(tmp_path / "ja"), str(tmp_path / "en"), str(work)}
+    assert want <= set(plan.binds), plan.binds
+
+
+def test_mixture_with_missing_or_truncated_datasets_is_refused(tmp_path, sif, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = _dataset(tmp_path / "ja" / "a")
+    _, req = _mixture_plan(tmp_path, sif, {"a": a, "gone": str(tmp_path / "gone")})
+    with pytest.raises(LaunchError, match=r"source gone: .*gone\.bin not found"):
+        make_plan(req)
+    with open(a + ".bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4)
+    _, req = _mixture_plan(tmp_path, sif, {"a": a})
+    with pytest.raises(LaunchError, match=r"source a: .*a\.bin is .* bytes but a\.idx describes"):
+        make_plan(req)
