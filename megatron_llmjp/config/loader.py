@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -214,9 +215,11 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
     output_dir: str | None = None,
+    uses: Collection[str] | None = None,
 ) -> RunConfig:
-    """Defaults < YAML file < ``--set`` overrides < ``--output-dir``; then validated."""
-    from megatron_llmjp.config.validate import validate_static
+    """Defaults < YAML file < ``--set`` overrides < ``--output-dir``; then validated: the
+    sections ``uses`` names (default: all; see ``validate.validate_static``)."""
+    from megatron_llmjp.config.validate import SECTIONS, validate_static
 
     data: dict = {}
     where: _Where = {}
@@ -230,7 +233,7 @@ def build_config(
         data["output_dir"] = output_dir
     data.setdefault("model", {})
     cfg = build_dataclass(RunConfig, data, "", where)
-    validate_static(cfg)
+    validate_static(cfg, SECTIONS if uses is None else uses)
     return cfg
 
 

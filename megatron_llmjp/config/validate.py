@@ -6,6 +6,7 @@ time (function-local imports), so importing ``config/`` never imports the layers
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from megatron_llmjp.config.errors import ConfigError
@@ -17,12 +18,30 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate_static(cfg: RunConfig) -> None:
-    """Everything checkable from the config alone; raises ``ConfigError`` naming the field."""
-    m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
-    _positive(t.iters, "train.iters", allow_zero=True)
-    for key in ("micro_batch_size", "global_batch_size", "seq_length"):
-        _positive(getattr(t, key), f"train.{key}")
+SECTIONS: tuple[str, ...] = (
+    "model",
+    "train",
+    "optim",
+    "schedule",
+    "precision",
+    "logging",
+    "checkpoint",
+    "fault",
+    "parallel",
+    "data",
+)
+"""The sections of a ``RunConfig`` that :func:`validate_static` checks, in its order."""
+
+WEIGHTS_ONLY: tuple[str, ...] = ("model", "train", "precision", "parallel")
+"""What a command that reads or writes model weights outside training uses (conversion,
+upcycling, the parity check): the model, its dtype and the layout it is sharded for (the
+layout rules read ``train``'s batch and sequence sizes). Never the data, optimizer, schedule,
+logging, checkpoint-policy or fault sections."""
+
+
+def _check_model(cfg: RunConfig) -> None:
+    """Sizes and structure of the model."""
+    m = cfg.model
     for key in (
         "num_layers",
         "hidden_size",
@@ -47,6 +66,14 @@ def validate_static(cfg: RunConfig) -> None:
             )
     elif not m.ffn_hidden_size:
         raise ConfigError("model.family=dense needs model.ffn_hidden_size")
+
+
+def _check_train(cfg: RunConfig) -> None:
+    """Batch, sequence and evaluation sizes (the sequence against the model's positions)."""
+    m, t = cfg.model, cfg.train
+    _positive(t.iters, "train.iters", allow_zero=True)
+    for key in ("micro_batch_size", "global_batch_size", "seq_length"):
+        _positive(getattr(t, key), f"train.{key}")
     if t.seq_length > m.max_position_embeddings:
         raise ConfigError(
             f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
@@ -57,11 +84,23 @@ def validate_static(cfg: RunConfig) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
+    _positive(t.eval_interval, "train.eval_interval", allow_zero=True)
+    _positive(t.eval_iters, "train.eval_iters")
+
+
+def _check_optim(cfg: RunConfig) -> None:
+    """Learning rates and clipping."""
+    o = cfg.optim
     _positive(o.lr, "optim.lr")
     _positive(o.min_lr, "optim.min_lr", allow_zero=True)
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
     _positive(o.clip_grad, "optim.clip_grad", allow_zero=True)
+
+
+def _check_schedule(cfg: RunConfig) -> None:
+    """Warmup and decay lengths against ``train.iters``."""
+    t, s = cfg.train, cfg.schedule
     _positive(s.warmup_iters, "schedule.warmup_iters", allow_zero=True)
     decay_end = t.iters if s.decay_iters is None else s.decay_iters
     if t.iters and s.warmup_iters > decay_end:
@@ -74,9 +113,17 @@ def validate_static(cfg: RunConfig) -> None:
             f"schedule.wsd_decay_iters={s.wsd_decay_iters} must lie in [0, decay_iters - "
             f"warmup_iters = {decay_end - s.warmup_iters}]"
         )
+
+
+def _check_precision(cfg: RunConfig) -> None:
+    """The precision recipe (checked by its own module)."""
     from megatron_llmjp.precision.recipes import validate_precision
 
     validate_precision(cfg)
+
+
+def _check_logging(cfg: RunConfig) -> None:
+    """Logging interval and W&B settings."""
     _positive(cfg.logging.interval, "logging.interval")
     lg = cfg.logging
     if lg.wandb_project is not None and lg.wandb_mode != "disabled":
@@ -89,7 +136,11 @@ def validate_static(cfg: RunConfig) -> None:
             )
     elif lg.wandb_project is None and (lg.wandb_entity or lg.wandb_run_name):
         raise ConfigError("logging.wandb_entity / wandb_run_name are set but wandb_project is not")
-    c, f = cfg.checkpoint, cfg.fault
+
+
+def _check_checkpoint(cfg: RunConfig) -> None:
+    """Checkpoint interval, retention and directory."""
+    c = cfg.checkpoint
     _positive(c.interval, "checkpoint.interval", allow_zero=True)
     if c.keep_last is not None:
         _positive(c.keep_last, "checkpoint.keep_last")
@@ -98,6 +149,11 @@ def validate_static(cfg: RunConfig) -> None:
             "checkpoint.interval / checkpoint.async_save are set but checkpoint.dir is not: "
             "say where checkpoints go"
         )
+
+
+def _check_fault(cfg: RunConfig) -> None:
+    """Non-finite and loss-spike policies and exit signals."""
+    f = cfg.fault
     if f.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"fault.nonfinite must be 'stop' or 'skip', got {f.nonfinite!r}")
     _positive(f.max_skipped_steps, "fault.max_skipped_steps", allow_zero=True)
@@ -116,13 +172,20 @@ def validate_static(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"fault.exit_signals: {name!r} is not a catchable signal name (e.g. SIGTERM)"
             )
+
+
+def _check_parallel(cfg: RunConfig) -> None:
+    """What a config alone can check of the parallel section (the layout itself is checked
+    against the world size by ``parallel.layout.make_layout``)."""
     if cfg.parallel.timeout_minutes <= 0:
         raise ConfigError(
             f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}"
         )
-    d = cfg.data
-    _positive(t.eval_interval, "train.eval_interval", allow_zero=True)
-    _positive(t.eval_iters, "train.eval_iters")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """The training data: mixture or text files and tokenizer, which must exist."""
+    d, t = cfg.data, cfg.train
     if d.mixture is not None:
         if d.synthetic:
             raise ConfigError("data.mixture and data.synthetic=true are exclusive")
@@ -152,3 +215,20 @@ def validate_static(cfg: RunConfig) -> None:
         for f in cfg.data.text_files if d.mixture is None else []:
             if not Path(f).is_file():
                 raise ConfigError(f"data.text_files: {f} does not exist (cwd: {Path.cwd()})")
+
+
+_CHECKS = {name: globals()[f"_check_{name}"] for name in SECTIONS}
+
+
+def validate_static(cfg: RunConfig, uses: Collection[str] = SECTIONS) -> None:
+    """Everything checkable from the config alone; raises ``ConfigError`` naming the field.
+
+    ``uses``: the sections the calling command reads (default: all, as training does). A
+    command checks only those, so e.g. a conversion never requires the training data to
+    exist; see :data:`WEIGHTS_ONLY`."""
+    unknown = sorted(set(uses) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; known: {list(SECTIONS)}")
+    for name in SECTIONS:
+        if name in uses:
+            _CHECKS[name](cfg)
