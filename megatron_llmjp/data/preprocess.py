@@ -9,8 +9,12 @@ Output contract
 - Token dtype: ``uint16`` when the vocabulary has fewer than 65,500 ids, else ``int32``; the
   same rule as megatron-core's ``DType.optimal_dtype``. The ``.idx`` format has no ``uint32``
   code, and ``int32`` covers LLM-jp-4's 196,608 ids.
-- Blank lines are ignored. Documents that encode to no tokens (``""``) are skipped and counted.
-  An input without any document is an error (megatron-core cannot open an empty ``.bin``).
+- Blank lines are ignored. Empty and whitespace-only documents (``""``, ``" "``, ``"\u3000"``,
+  ``"\n"``: nothing but Unicode whitespace) are skipped and counted as empty. An input without
+  any document is an error (megatron-core cannot open an empty ``.bin``).
+- EOD appears only at document ends: text is encoded with ``Tokenizer.encode_text``, so a
+  special or user-defined piece spelled in a document (``<EOD>``, ``<pad>``, ``<|eod|>`` ...)
+  becomes the ordinary pieces of its characters, never a control id.
 - A malformed line (invalid JSON or UTF-8, not an object, missing or non-string text field)
   stops the run with ``FILE:LINE: reason`` (1-based line numbers), or with
   ``skip_malformed=True`` is skipped and counted.
@@ -309,13 +313,13 @@ def _encode_texts(
     """Batch-encode; on a text the native encoder rejects (lone surrogates from ``\\ud800``
     escapes), encode one by one to name the offending lines."""
     try:
-        return tok.encode_batch(texts, num_threads=1)
+        return tok.encode_text_batch(texts, num_threads=1)
     except (TypeError, RuntimeError, UnicodeError):
         pass
     out: list[list[int] | None] = []
     for text, ln in zip(texts, lines, strict=True):
         try:
-            out.append(tok.encode(text))
+            out.append(tok.encode_text(text))
         except (TypeError, RuntimeError, UnicodeError):
             bad.append((ln, "text is not valid Unicode (lone surrogate escape?)"))
             out.append(None)
@@ -332,7 +336,10 @@ def _encode_block(spec: _EncodeSpec, data: bytes) -> _Encoded:
                 raise ValueError("not valid UTF-8")
             if not line or line.isspace():
                 continue
-            texts.append(_parse_line(line, spec.text_key))
+            text = _parse_line(line, spec.text_key)
+            if text.isspace():  # whitespace only: no content, counted with the empty ones
+                text = ""
+            texts.append(text)
         except ValueError as e:
             bad.append((i, str(e)))
             if not spec.skip_malformed:
@@ -537,6 +544,7 @@ def preprocess(
     except OSError as e:
         raise PreprocessError(f"cannot create output {prefix}.bin: {e}") from e
     dtype = writer.dtype
+    tok.encode_text_batch(["."], num_threads=1)  # build the text encoder once, before any fork
     spec = _EncodeSpec(tok, text_key, dtype, skip_malformed)
     summary = PreprocessSummary(
         inputs=[str(p) for p in paths],

@@ -67,7 +67,8 @@ def load_token_stream(
 
     Each file contributes at most ``max_bytes_per_file`` bytes (cut at the last newline before
     the limit; None or <= 0 reads it all); every non-empty line is a document, encoded without
-    BOS/EOS and followed by ``tokenizer.eod_id``. Files are concatenated in the given order.
+    BOS/EOS (special-token text stays literal: ``Tokenizer.encode_text``) and followed by
+    ``tokenizer.eod_id``. Files are concatenated in the given order.
     Relative paths are resolved against ``base_dir`` when given, else the working directory.
     """
     paths = []
@@ -85,7 +86,7 @@ def load_token_stream(
     eod = tokenizer.eod_id
     parts: list[np.ndarray] = []
     for p in paths:
-        docs = tokenizer.encode_batch(_documents(_read_text(p, max_bytes_per_file)))
+        docs = tokenizer.encode_text_batch(_documents(_read_text(p, max_bytes_per_file)))
         if not docs:
             continue
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))

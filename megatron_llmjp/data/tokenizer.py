@@ -32,9 +32,14 @@ ids. Other tokenizers use what they declare (see :class:`SentencePieceTokenizer`
 :class:`HFTokenizer`); an undefined role is ``-1``, as in SentencePiece.
 
 Ids 3-351 are USER_DEFINED pieces, which SentencePiece matches verbatim in raw text:
-``encode("<EOD>")`` yields ``[609, 6]`` (609 is the ``▁`` dummy prefix). Plain corpora do not
-contain these strings; sanitise untrusted text if needed. The vocabulary is never padded here:
-the model pads its embedding for tensor parallelism.
+``encode("<EOD>")`` yields ``[609, 6]`` (609 is the ``▁`` dummy prefix). ``encode`` keeps that
+behaviour (prompts and chat templates may spell control tokens on purpose). Corpus text goes
+through ``encode_text`` / ``encode_text_batch`` instead, which never produce a control,
+user-defined or special piece: ``"a <EOD> b"`` becomes the ordinary pieces of the characters
+``<``, ``EOD``, ``>`` (decoding gives the text back), so a document boundary appears only where
+the preprocessor or the text loader appends ``eod_id``. Text without such strings encodes
+exactly as with ``encode``. The vocabulary is never padded here: the model pads its embedding
+for tensor parallelism.
 
 This module is torch-free.
 """
@@ -149,6 +154,18 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """``[encode(t) for t in texts]``, computed in one call into the native library."""
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of corpus ``text``: like :meth:`encode`, but special and user-defined
+        pieces spelled in the text are encoded as their literal characters, never as the
+        control ids (see the module docstring)."""
+        return self.encode_text_batch([text], num_threads=1)[0]
+
+    @abstractmethod
+    def encode_text_batch(
+        self, texts: Sequence[str], num_threads: int | None = None
+    ) -> list[list[int]]:
+        """``[encode_text(t) for t in texts]``, computed in one call into the native library."""
 
     @abstractmethod
     def decode(self, ids: Iterable[int] | Any) -> str:
@@ -271,6 +288,32 @@ class SentencePieceTokenizer(Tokenizer):
         kwargs = {} if num_threads is None else {"num_threads": num_threads}
         return self._sp.encode(list(texts), add_bos=False, add_eos=False, **kwargs)
 
+    def encode_text_batch(
+        self, texts: Sequence[str], num_threads: int | None = None
+    ) -> list[list[int]]:
+        """The batch encoder of a copy of the model whose USER_DEFINED pieces are CONTROL
+        pieces, which SentencePiece never matches in text (built once, on first use)."""
+        if not texts:
+            return []
+        kwargs = {} if num_threads is None else {"num_threads": num_threads}
+        return self._plain_sp().encode(list(texts), add_bos=False, add_eos=False, **kwargs)
+
+    def _plain_sp(self) -> spm.SentencePieceProcessor:
+        plain = getattr(self, "_plain", None)
+        if plain is None:
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            proto = pb.ModelProto()
+            proto.ParseFromString(self._sp.serialized_model_proto())
+            kind = pb.ModelProto.SentencePiece
+            for piece in proto.pieces:
+                if piece.type == kind.USER_DEFINED:
+                    piece.type = kind.CONTROL
+            plain = spm.SentencePieceProcessor()
+            plain.LoadFromSerializedProto(proto.SerializeToString())
+            self._plain = plain
+        return plain
+
     def decode(self, ids: Iterable[int] | Any) -> str:
         return self._sp.decode(_as_int_list(ids))
 
@@ -384,6 +427,21 @@ class HFTokenizer(Tokenizer):
         if not texts:
             return []
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_text_batch(
+        self, texts: Sequence[str], num_threads: int | None = None
+    ) -> list[list[int]]:
+        """The batch encoder of a copy of the tokenizer with ``encode_special_tokens`` set:
+        special added tokens spelled in the text are split like any other text. (Non-special
+        added tokens are still matched, as ``tokenizers`` offers no switch for them.)"""
+        if not texts:
+            return []
+        plain = getattr(self, "_plain", None)
+        if plain is None:
+            plain = type(self._tok).from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return [e.ids for e in plain.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int] | Any) -> str:
         return self._tok.decode(_as_int_list(ids), skip_special_tokens=False)

@@ -115,6 +115,60 @@ def test_ids_equal_sentencepiece_and_eod(tok: Tokenizer, sp, tmp_path: Path) -> 
     assert np.flatnonzero(flat == EOD).tolist() == ends.tolist()
 
 
+SPECIAL_TEXT = [
+    "a <EOD> b <pad> c",
+    "<s>start</s> <unk> <mask><CLS><SEP><RESERVED_000><RESERVED_343>",
+    "released names: <|eod|> <|endoftext|> <|startoftext|> <|return|>",
+    "<EOD>",
+]
+
+
+def _control_ids(sp) -> set[int]:
+    """Every id SentencePiece does not treat as ordinary text (control, unknown, user-defined):
+    for LLM-jp-4, ids 0-351."""
+    return {
+        i
+        for i in range(sp.get_piece_size())
+        if sp.is_control(i) or sp.is_unknown(i) or (i <= 351 and sp.id_to_piece(i).startswith("<"))
+    }
+
+
+def test_special_token_text_stays_text(tok: Tokenizer, sp, tmp_path: Path) -> None:
+    """Special and user-defined piece names inside a document are encoded as their literal
+    characters: EOD only where the pipeline puts one, the text decodes back unchanged, and text
+    without such names encodes as SentencePiece does (checked with the corpus above)."""
+    control = _control_ids(sp)
+    assert {0, 1, 2, 3, 4, 6, 351} <= control
+    docs = [*SPECIAL_TEXT, *corpus_docs("ja-jsts-v1.1-train.txt", 50)]
+    s = preprocess([write_jsonl(tmp_path / "sp.jsonl", docs)], tmp_path / "ds", tok, workers=2)
+    out = read_dataset(tmp_path / "ds")
+    assert s.documents == len(docs)
+    for d, text in zip(out, docs, strict=True):
+        assert d[-1] == EOD and not control & set(d[:-1]), (text, d)
+        assert sp.decode(d[:-1]) == text
+    for d, text in zip(out[len(SPECIAL_TEXT) :], docs[len(SPECIAL_TEXT) :], strict=True):
+        assert d == sp.encode(text) + [EOD]
+    # The text loader of small runs (data.text_files) follows the same rule.
+    from megatron_llmjp.data.text import load_token_stream
+
+    (tmp_path / "t.txt").write_text("\n".join(SPECIAL_TEXT) + "\n")
+    stream = load_token_stream([str(tmp_path / "t.txt")], tok, None)
+    assert int((stream == EOD).sum()) == len(SPECIAL_TEXT) and stream[-1] == EOD
+    assert not control & set(stream[stream != EOD].tolist())
+    # ``encode`` still matches them (prompts may spell control tokens on purpose).
+    assert EOD in tok.encode("a <EOD> b")
+
+
+def test_whitespace_only_documents_are_skipped_and_counted(tok: Tokenizer, tmp_path: Path) -> None:
+    docs = ["kept", " ", "\u3000", "\n", "\t \r\n\u3000", "", "also kept"]
+    s = preprocess([write_jsonl(tmp_path / "ws.jsonl", docs)], tmp_path / "ds", tok)
+    assert s.documents == 2 and s.empty_documents == 5
+    assert len(read_dataset(tmp_path / "ds")) == 2
+    only = write_jsonl(tmp_path / "only.jsonl", [" ", "\u3000"])
+    with pytest.raises(PreprocessError, match=r"no documents in .*\(2 empty"):
+        preprocess([only], tmp_path / "none", tok)
+
+
 def test_workers_identical_and_match_megatron_builder(tok: Tokenizer, sp, tmp_path: Path) -> None:
     """1 and 2 workers, many small blocks: byte-identical output, and byte-identical to what
     megatron-core's own IndexedDatasetBuilder writes for the same documents."""
