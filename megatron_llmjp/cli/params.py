@@ -18,7 +18,7 @@ import sys
 from typing import TextIO
 
 from megatron_llmjp.config.loader import ConfigError, build_dataclass, parse_overrides
-from megatron_llmjp.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+from megatron_llmjp.config.schema import ModelConfig, RunConfig
 from megatron_llmjp.models.params import ParamCounts, count_parameters, padded_vocab_size
 from megatron_llmjp.models.registry import MODELS
 
@@ -63,13 +63,11 @@ def resolve_model(name: str, overrides: list[str]) -> ModelConfig:
         raise ConfigError("--set model.name: give the model as the NAME argument instead")
     where = {f"model.{k}": "--set" for k in model_data}
     m = build_dataclass(ModelConfig, model_data, "model.", where, base=MODELS[name])
-    # Reuse the training config's model checks (GQA divisibility, MoE fields, ...). The other
-    # sections are minimal valid values that cannot fail on their own.
+    # Reuse the training config's model checks (GQA divisibility, MoE fields, ...): the only
+    # section a parameter count uses.
     from megatron_llmjp.config.validate import validate_static
 
-    validate_static(
-        RunConfig(model=m, data=DataConfig(synthetic=True), train=TrainConfig(seq_length=1))
-    )
+    validate_static(RunConfig(model=m), uses=("model",))
     return m
 
 

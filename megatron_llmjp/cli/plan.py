@@ -22,6 +22,7 @@ from typing import TextIO
 from megatron_llmjp.cli import add_overrides
 from megatron_llmjp.config.loader import ConfigError, build_config
 from megatron_llmjp.config.schema import RunConfig
+from megatron_llmjp.config.validate import SECTIONS
 from megatron_llmjp.models.params import count_parameters
 from megatron_llmjp.planner.activations import SELECTIVE_MODULES, Recompute
 from megatron_llmjp.planner.hardware import COMM_EFFICIENCY, GPUS, GiB, UnknownGPUError, get_gpu
@@ -133,6 +134,10 @@ def _recompute(modes: str, modules: str) -> tuple[Recompute, ...]:
     return tuple(dict.fromkeys(out))
 
 
+PLAN_USES = tuple(s for s in SECTIONS if s != "data")
+"""The config sections planning checks: all but the training data, which it never reads."""
+
+
 def build_run_config(args: argparse.Namespace) -> RunConfig:
     """The config as the trainer would build it, plus the planner's command-line settings."""
     if args.model and args.config:
@@ -149,9 +154,7 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     mbs = _ints(args.mbs, "mbs")
     if mbs:
         overrides.append(f"train.micro_batch_size={mbs[0]}")
-    # Planning needs no data: skip the tokenizer and text-file checks.
-    overrides.append("data.synthetic=true")
-    return build_config(args.config, overrides)
+    return build_config(args.config, overrides, uses=PLAN_USES)
 
 
 def options(args: argparse.Namespace, cfg: RunConfig) -> PlanOptions:

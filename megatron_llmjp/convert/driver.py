@@ -351,19 +351,21 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _target_config(model, dtype: torch.dtype, overrides: list[str]):
-    """The run config the checkpoint is written for: the HF model plus the ``--set`` flags."""
+    """The run config the checkpoint is written for: the HF model plus the ``--set`` flags.
+    Only the sections a conversion uses are checked (``WEIGHTS_ONLY``): the training data
+    need not exist where the conversion runs."""
     from megatron_llmjp.config.loader import build_config
-    from megatron_llmjp.config.validate import validate_static
+    from megatron_llmjp.config.validate import WEIGHTS_ONLY, validate_static
 
     bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
     if bad:
         raise ConversionError(
             f"--set {bad[0]}: the model comes from the HF config.json and cannot be overridden"
         )
-    cfg = build_config(None, overrides)
+    cfg = build_config(None, overrides, uses=WEIGHTS_ONLY)
     precision = replace(cfg.precision, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     cfg = replace(cfg, model=model, precision=precision)
-    validate_static(cfg)
+    validate_static(cfg, WEIGHTS_ONLY)
     return cfg
 
 

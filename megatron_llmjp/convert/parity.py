@@ -180,15 +180,18 @@ def _free_port() -> int:
 
 def _run_config(ckpt_dir: Path, manifest: dict, overrides: list[str]):
     """The checkpoint's run config (its ``config.yaml``, or for a Megatron-LM checkpoint the
-    defaults with the model derived from its args) with ``overrides``."""
+    defaults with the model derived from its args) with ``overrides``; only the sections the
+    check uses are validated (the training run's data need not exist here)."""
     from dataclasses import replace
 
     from megatron_llmjp.checkpoint import megatron_lm
     from megatron_llmjp.config.loader import build_config
+    from megatron_llmjp.config.validate import WEIGHTS_ONLY
 
     if (ckpt_dir / "config.yaml").is_file():
-        return build_config(ckpt_dir / "config.yaml", overrides)
-    cfg = build_config(None, [*megatron_lm.model_overrides(manifest), *overrides])
+        return build_config(ckpt_dir / "config.yaml", overrides, uses=WEIGHTS_ONLY)
+    overrides = [*megatron_lm.model_overrides(manifest), *overrides]
+    cfg = build_config(None, overrides, uses=WEIGHTS_ONLY)
     return replace(cfg, model=megatron_lm.model_from_manifest(manifest))
 
 

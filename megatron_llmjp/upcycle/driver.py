@@ -149,7 +149,7 @@ def _target_config(
     Megatron-LM checkpoint has no config file (``dense_config`` None): the defaults with its
     model (``base``, ``model.*`` overrides derived from its args) stand for it."""
     from megatron_llmjp.config.loader import build_config
-    from megatron_llmjp.config.validate import validate_static
+    from megatron_llmjp.config.validate import WEIGHTS_ONLY, validate_static
 
     _check_overrides(overrides)
     model_sets = [
@@ -163,19 +163,13 @@ def _target_config(
         # Never save into (or resume from) the dense run's checkpoint directory.
         "checkpoint.dir=null",
     ]
-    try:
-        cfg = build_config(dense_config, [*base, *model_sets, *overrides])
-    except ConfigError as e:
-        if not str(e).startswith("data."):
-            raise
-        raise UpcycleError(
-            f"{e} (the MoE config keeps the dense run's data section, checked like a training "
-            "config: run from the dense run's working directory, or fix it with --set data.*)"
-        ) from e
+    # Only what upcycling uses is checked: the dense run's data section is carried into the
+    # MoE config unchecked (the trainer checks it where it runs).
+    cfg = build_config(dense_config, [*base, *model_sets, *overrides], uses=WEIGHTS_ONLY)
     model = replace(cfg.model, source=source)
     ckpt = replace(cfg.checkpoint, load_optimizer=False)
     cfg = replace(cfg, model=model, checkpoint=ckpt)
-    validate_static(cfg)
+    validate_static(cfg, WEIGHTS_ONLY)
     return cfg
 
 
