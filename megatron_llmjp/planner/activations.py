@@ -102,9 +102,12 @@ def layer_terms(
     t["attn_norm_in"] = (a * h + 4) / sp
     if "layernorm" not in sel:
         t["attn_norm_out"] = a * h / sp
+    # K/V heads per rank: with fewer groups than TP ranks megatron-core holds one whole group
+    # (replicated on tp / ng ranks), not a fraction.
+    kv = max(ng, tp) / tp
     if m.qk_layernorm:
-        t["qk_norm_in"] = a * (nq + ng) * d / tp
-    t["qkv"] = a * (nq + 2 * ng) * d / tp
+        t["qk_norm_in"] = a * (nq / tp + kv) * d
+    t["qkv"] = a * (nq / tp + 2 * kv) * d
     t["attn_out"] = a * nq * d / tp
     if "core_attn" not in sel:
         t["softmax_stats"] = 4 * nq / tp

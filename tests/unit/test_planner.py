@@ -127,6 +127,18 @@ def test_8b_layer_activations_by_hand():
     assert 30 < per_token / h < 40
 
 
+def test_kv_heads_replicated_beyond_the_query_groups():
+    """TP8 on LLM-jp-4 332B-A31B (80 heads, 4 KV groups): megatron-core holds one whole KV
+    group on each rank (each replicated on 2 ranks), not half a group."""
+    m = MODELS["llm-jp-4-332b-a31b"]
+    lay = _layout("llm-jp-4-332b-a31b", 8, tp=8)
+    terms = layer_terms(m, lay, 1, 4096, 2, Recompute())
+    assert terms["qkv"] == pytest.approx(2 * (80 / 8 + 2 * 1) * 128 * 4096)
+    assert terms["qk_norm_in"] == pytest.approx(2 * (80 / 8 + 1) * 128 * 4096)
+    four = layer_terms(m, _layout("llm-jp-4-332b-a31b", 4, tp=4), 1, 4096, 2, Recompute())
+    assert four["qkv"] == pytest.approx(2 * (80 + 2 * 4) * 128 / 4 * 4096)  # no replication
+
+
 def test_sequence_parallel_divides_every_term_by_tp():
     m = MODELS["llm-jp-4-8b"]
     one = sum(layer_terms(m, _layout("llm-jp-4-8b", 1), 1, 4096, 2, Recompute()).values())
