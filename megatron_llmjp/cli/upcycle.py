@@ -5,7 +5,7 @@ Examples::
     llmjp-upcycle --input runs/dense/checkpoints --output ckpt/moe-8x --experts 8 --topk 2 \\
         --expert-ffn 1536 --drop-ratio 0.5 --seed 1 --set parallel.ep=8
     llmjp-train --config ckpt/moe-8x/iter_0000000/config.yaml --output-dir runs/moe \\
-        --set checkpoint.dir=runs/moe/checkpoints \\
+        --set checkpoint.dir=checkpoints \\
         --set checkpoint.load=ckpt/moe-8x --set checkpoint.load_optimizer=false
 
 Attention, embeddings, norms and the output layer are copied; each expert is a random slice of

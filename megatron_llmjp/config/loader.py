@@ -233,8 +233,21 @@ def build_config(
         data["output_dir"] = output_dir
     data.setdefault("model", {})
     cfg = build_dataclass(RunConfig, data, "", where)
+    cfg.checkpoint.dir = checkpoint_dir(cfg.output_dir, cfg.checkpoint.dir)
     validate_static(cfg, SECTIONS if uses is None else uses)
     return cfg
+
+
+def checkpoint_dir(output_dir: str, directory: str | None) -> str | None:
+    """``checkpoint.dir`` as used: a relative one lies in the run directory (``output_dir``),
+    so ``--output-dir`` moves the checkpoints with the run; an absolute one is kept. The
+    result is absolute, so a run's saved ``config.yaml`` resumes the same checkpoints."""
+    if directory is None:
+        return None
+    d = Path(directory).expanduser()
+    if d.is_absolute():
+        return str(d)
+    return str((Path(output_dir).expanduser() / d).resolve())
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:

@@ -213,7 +213,9 @@ class CheckpointConfig:
     ``iter_NNNNNNN.tmp`` and renamed to ``iter_NNNNNNN`` only when every rank has finished."""
 
     dir: str | None = None
-    """Where checkpoints are saved and resumed from; None disables saving."""
+    """Where checkpoints are saved and resumed from; None disables saving. A relative path is
+    inside ``output_dir`` (``checkpoints`` -> ``OUTPUT_DIR/checkpoints``), so ``--output-dir``
+    moves them with the run; only an absolute path is shared between runs."""
     interval: int = 0
     """Save every N iterations (0: only at the end, on a signal and after the last step)."""
     load: str | None = None

@@ -335,6 +335,10 @@ def make_plan(req: LaunchRequest) -> Plan:
     _safe("working directory", workdir)
 
     cfg = build_config(req.config, list(req.overrides), req.output_dir)
+    if not Path(cfg.output_dir).expanduser().is_absolute():
+        # The job runs in ``workdir``: resolve the run directory (and the checkpoints in it)
+        # there, as the job will, not in the directory the launcher was started from.
+        cfg = build_config(req.config, list(req.overrides), str(workdir / cfg.output_dir))
     world = req.nodes * req.gpus_per_node
     tp = cfg.parallel.tp
     if tp >= 1 and req.gpus_per_node % tp:
