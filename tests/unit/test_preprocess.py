@@ -159,6 +159,22 @@ def test_special_token_text_stays_text(tok: Tokenizer, sp, tmp_path: Path) -> No
     assert EOD in tok.encode("a <EOD> b")
 
 
+def test_quickstart_code_documents_have_one_eod_each(tok: Tokenizer, tmp_path: Path) -> None:
+    """The quickstart's ``code`` source (this repository's Python) spells ``<EOD>``, ``<pad>``
+    and the released names in its docstrings: one EOD per document all the same."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "data"))
+    try:
+        import quickstart_corpus
+    finally:
+        sys.path.pop(0)
+    _, docs = quickstart_corpus.documents("code", CORPUS)
+    special = [d for d in docs if any(name in d for name in ("<EOD>", "<pad>", "<|eod|>"))]
+    assert len(special) >= 3
+    s = preprocess([write_jsonl(tmp_path / "code.jsonl", special)], tmp_path / "code", tok)
+    flat = np.concatenate([np.asarray(d) for d in read_dataset(tmp_path / "code")])
+    assert s.documents == len(special) == int((flat == EOD).sum())
+
+
 def test_whitespace_only_documents_are_skipped_and_counted(tok: Tokenizer, tmp_path: Path) -> None:
     docs = ["kept", " ", "\u3000", "\n", "\t \r\n\u3000", "", "also kept"]
     s = preprocess([write_jsonl(tmp_path / "ws.jsonl", docs)], tmp_path / "ds", tok)

@@ -46,8 +46,13 @@ def documents(source: str, corpus: Path) -> tuple[list[Path], list[str]]:
     return files, docs
 
 
+ENCODING = "literal-special-text"
+"""How documents are encoded (part of the fingerprint): datasets written before special-token
+text was encoded literally are rebuilt."""
+
+
 def _fingerprint(files: list[Path]) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(ENCODING.encode())
     for f in files:
         h.update(f"{f.name}:{f.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
