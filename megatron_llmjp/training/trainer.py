@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from megatron_llmjp.checkpoint.state import Progress, ResumePlan, plan_resume
-from megatron_llmjp.config.loader import ConfigError, dump_yaml
+from megatron_llmjp.config.loader import ConfigError, dump_yaml, to_dict
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.parallel import cpu_compat
 from megatron_llmjp.parallel.dist import RankInfo, discover_ranks, local_device
 from megatron_llmjp.parallel.layout import Layout, make_layout
+from megatron_llmjp.training import children
 from megatron_llmjp.training.faults import (
     FaultMonitor,
     PeerFailure,
@@ -28,7 +29,7 @@ from megatron_llmjp.training.faults import (
     poison_grads,
 )
 from megatron_llmjp.training.lr_schedule import ParamGroupSchedule
-from megatron_llmjp.training.metrics import MetricsWriter
+from megatron_llmjp.training.metrics import MetricsWriter, open_wandb
 
 
 @dataclass
@@ -175,6 +176,13 @@ def _schedule(
     )
 
 
+def _now() -> float:
+    """Wall-clock seconds for the step timers, after the device's queued work (on CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def train_step(
     state: _State, cfg: RunConfig, step: int, consumed_samples: int, monitor: FaultMonitor
 ) -> dict:
@@ -186,14 +194,19 @@ def train_step(
 
     Between the backward pass and the update, every rank reports non-finite losses/gradients
     and received exit signals in one all-reduce (``FaultMonitor.decide``), so a bad step is
-    skipped or stopped on all ranks at once and the weights are never touched by it."""
+    skipped or stopped on all ranks at once and the weights are never touched by it.
+
+    The scalars include this rank's phase timers in seconds (``time_data``,
+    ``time_forward_backward``, ``time_optimizer``; on CUDA measured after a synchronise)."""
     from megatron.core import parallel_state as ps
 
+    t_start = _now()
     lr = state.schedule.apply(consumed_samples)
     for m in state.model:
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
     micro = state.data.train.microbatches(step)
+    t_data = _now()
     losses = _schedule(state, cfg, micro, poison=monitor.injected("nan_loss", step + 1))
     if monitor.injected("nan_grad", step + 1):
         poison_grads(state.model)
@@ -202,6 +215,7 @@ def train_step(
     if last_stage:
         for out in losses:
             totals += out["lm loss"].detach().to("cpu", torch.float64)
+    t_fwd_bwd = _now()
     verdict = monitor.decide(
         step + 1,
         loss_bad=not bool(torch.isfinite(totals).all()),
@@ -211,6 +225,7 @@ def train_step(
     grad_norm = None
     if verdict.apply_update:
         _, grad_norm, _ = state.optimizer.step()
+    t_opt = _now()
     if last_stage:
         totals = totals.to(local_device())
         torch.distributed.all_reduce(
@@ -222,6 +237,9 @@ def train_step(
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "skipped": int(not verdict.apply_update),
         "stop_signal": verdict.stop_for_signal,
+        "time_data": t_data - t_start,
+        "time_forward_backward": t_fwd_bwd - t_data,
+        "time_optimizer": t_opt - t_fwd_bwd,
     }
     if cfg.model.is_moe:
         scalars.update(_moe_losses(cfg.model.num_layers, len(micro)))
@@ -271,12 +289,7 @@ def _build_data(cfg: RunConfig, progress: Progress, is_logger: bool):
                 flush=True,
             )
     data = build_data(
-        cfg,
-        ps.get_data_parallel_rank(),
-        ps.get_data_parallel_world_size(),
-        stage_start=start,
-        iteration=progress.iteration,
-        stage_consumed=position,
+        cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), stage_start=start
     )
     data.train.resume_at(progress.iteration, position)
     progress.data_stage, progress.stage_start_iteration = stage, start
@@ -330,8 +343,9 @@ def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
 
         queue = AsyncCallsQueue()
 
-    def save(progress: Progress) -> None:
-        t0 = time.perf_counter()
+    def save(progress: Progress) -> float:
+        """Save ``progress``; returns the seconds training was blocked."""
+        t0 = _now()
         save_checkpoint(
             state.model,
             state.optimizer,
@@ -341,13 +355,15 @@ def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
             async_queue=queue,
             before_publish=monitor.before_publish,
         )
+        blocked = _now() - t0
         if monitor.rank == monitor.world - 1:
             note = " (shards are written in the background)" if queue is not None else ""
             print(
                 f"[llmjp] checkpoint of iteration {progress.iteration}: training blocked "
-                f"{time.perf_counter() - t0:.2f} s{note}",
+                f"{blocked:.2f} s{note}",
                 flush=True,
             )
+        return blocked
 
     return save, queue
 
@@ -374,9 +390,12 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
     pre = check_runtime(cfg, info)
     layout = pre.layout
     cpu_compat.install()
+    children.install()
+    started = children.ChildProcesses()  # whatever starts from here on ends with the run
     init_distributed(info, layout, cfg.parallel.timeout_minutes)
     monitor = FaultMonitor.create(cfg.fault, info.rank, info.world_size)
     queue = None
+    writer = None
     try:
         if cfg.parallel.preflight:
             from megatron_llmjp.parallel.preflight import run_preflight
@@ -398,7 +417,12 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         out = Path(cfg.output_dir)
         if info.rank == 0:
             dump_yaml(cfg, out / "config.yaml")
-        writer = MetricsWriter(out, tensorboard=cfg.logging.tensorboard) if is_logger else None
+        if is_logger:
+            writer = MetricsWriter(
+                out,
+                tensorboard=cfg.logging.tensorboard,
+                wandb_run=open_wandb(cfg.logging, out, to_dict(cfg)),
+            )
         from megatron_llmjp.telemetry.gpu import TelemetryLogger
 
         telemetry = TelemetryLogger.create(  # every rank samples its GPU; one rank writes
@@ -425,7 +449,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         monitor.install_signal_handlers()
         for step in range(progress.iteration, cfg.train.iters):
             monitor.at_step_start(step + 1)
-            t0 = time.perf_counter()
+            t0 = _now()
             try:
                 scalars = train_step(state, cfg, step, progress.consumed_samples, monitor)
             except Exception as e:
@@ -437,7 +461,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                     ) from e
                 raise
-            dt = time.perf_counter() - t0
+            dt = _now() - t0
             progress.iteration = step + 1
             progress.consumed_samples += gbs
             progress.stage_consumed_samples += gbs
@@ -456,15 +480,16 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             if every and ((step + 1) % every == 0 or step + 1 == cfg.train.iters):
                 record["valid_loss"] = evaluate(state, cfg)
             history.append(record)
+            interval = cfg.checkpoint.interval
+            record["time_checkpoint"] = 0.0
+            if save and (stop or (interval and progress.iteration % interval == 0)):
+                record["time_checkpoint"] = save(progress)
+                last_saved = progress.iteration
             log_now = (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters
             if log_now or stop:
                 record.update(telemetry.collect(step + 1))  # collective: every rank calls it
             if writer and (log_now or stop):
                 writer.write(record)
-            interval = cfg.checkpoint.interval
-            if save and (stop or (interval and progress.iteration % interval == 0)):
-                save(progress)
-                last_saved = progress.iteration
             if queue is not None:
                 queue.maybe_finalize_async_calls(blocking=False)
             if stop:
@@ -477,6 +502,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             queue = None
         if writer:
             writer.close()
+            writer = None
         telemetry.close()
         if result.stopped_by and is_logger:
             print(
@@ -486,6 +512,11 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         return result
     finally:
         monitor.restore_signal_handlers()
+        if writer is not None:  # a failed run: its W&B run is marked failed
+            writer.close(exit_code=1)
         if queue is not None:
             queue.close(abort=True)
-        destroy_distributed()
+        try:
+            destroy_distributed()
+        finally:
+            started.end()

@@ -1,0 +1,103 @@
+"""Processes started on a rank's behalf end with the rank, on every exit path.
+
+megatron-core starts a ``multiprocessing`` Manager at the first checkpoint save (the write
+results queue of ``filesystem_async``). Its server process does not notice its parent's death:
+after an abrupt exit of the rank (a crash, ``os._exit``, SIGKILL) it lived on under PID 1 with
+the rank's stdout and stderr, so ``llmjp-train ... | tail`` never saw end-of-file. Here
+
+- that Manager is started by ``install()``'s replacement, whose server process asks the kernel
+  for SIGKILL when the rank dies (``PR_SET_PDEATHSIG``) and holds no log pipe (its stdio goes to
+  ``/dev/null``);
+- ``ChildProcesses.end()`` (the trainer's ``finally``) shuts that Manager down and ends every
+  other process started during the run that is still alive (terminate, then kill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import sys
+from multiprocessing.managers import SyncManager
+
+_PR_SET_PDEATHSIG = 1
+_manager: SyncManager | None = None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process: have the kernel SIGKILL it when ``parent_pid`` exits (Linux), and
+    point its stdio at ``/dev/null`` so it never holds the parent's log pipe."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before the request took effect
+            os._exit(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _write_results_queue():
+    """Stand-in for ``filesystem_async._get_write_results_queue``: the same lazily created
+    Manager queue, from a server process that dies with this rank."""
+    global _manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if fa._results_queue is None:
+        _manager = SyncManager(ctx=mp.get_context("spawn"))
+        _manager.start(die_with_parent, (os.getpid(),))
+        fa._results_queue = _manager.Queue()
+    return fa._results_queue
+
+
+def install() -> None:
+    """Route megatron-core's checkpoint results Manager through ``_write_results_queue``."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    fa._get_write_results_queue = _write_results_queue
+
+
+def shutdown_results_manager() -> None:
+    """Stop the checkpoint results Manager (a later save starts a new one)."""
+    global _manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    fa._results_queue = None
+    if _manager is not None:
+        manager, _manager = _manager, None
+        with contextlib.suppress(Exception):  # already gone: nothing to stop
+            manager.shutdown()
+
+
+class ChildProcesses:
+    """The descendants of this process that exist now; ``end()`` ends any started later."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._before = {p.pid for p in psutil.Process().children(recursive=True)}
+
+    def end(self, timeout: float = 5.0) -> list[int]:
+        """Stop the results Manager, then terminate (and after ``timeout`` s kill) every
+        descendant started since construction; returns the pids that had to be ended."""
+        import psutil
+
+        shutdown_results_manager()
+        try:
+            new = [
+                p for p in psutil.Process().children(recursive=True) if p.pid not in self._before
+            ]
+        except psutil.Error:
+            return []
+        for p in new:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(new, timeout=timeout)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=timeout)
+        return [p.pid for p in new]
