@@ -445,8 +445,9 @@ class _DatasetWriter:
 
 
 class _Progress:
-    """A dependency-free progress line on ``stream``: redrawn at most every ``tty_every`` s on a
-    terminal, otherwise one plain line per ``log_every`` s (batch-job logs stay short)."""
+    """The preprocessing progress bar (``megatron_llmjp.progress``): bytes read, with documents
+    and tokens so far; plain lines at most every ``log_every`` s when ``stream`` is not a
+    terminal."""
 
     def __init__(
         self,
@@ -455,45 +456,29 @@ class _Progress:
         tty_every: float = 0.2,
         log_every: float = 60.0,
     ) -> None:
+        from megatron_llmjp.progress import progress_bar
+
         self.total = max(total_bytes, 1)
-        self.stream = stream
-        self.tty = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
-        self.every = tty_every if self.tty else log_every
-        self.start = self.last = time.perf_counter()
-        self.drawn = False
+        self.bar = progress_bar(
+            self.total,
+            "[preprocess]",
+            unit="B",
+            unit_scale=True,
+            enabled=stream is not None,
+            stream=stream,
+            tty_every=tty_every,
+            log_every=log_every,
+        )
 
     def update(self, done: int, docs: int, tokens: int, final: bool = False) -> None:
-        if self.stream is None:
-            return
-        now = time.perf_counter()
-        if not final and now - self.last < self.every:
-            return
-        if final and not self.tty:
-            return  # the summary follows
-        self.last = now
-        frac = min(done / self.total, 1.0)
-        elapsed = now - self.start
-        rate = tokens / elapsed if elapsed > 0 else 0.0
-        eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
-        text = (
-            f"{100 * frac:5.1f}% {done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {docs:,} docs  "
-            f"{tokens:,} tokens  {rate:,.0f} tokens/s  ETA {eta:,.0f} s"
-        )
-        if self.tty:
-            bar = "#" * int(20 * frac)
-            self.stream.write(f"\r[{bar:<20}] {text}\x1b[K")
-            if final:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"progress: {text}\n")
-        self.stream.flush()
-        self.drawn = True
+        self.bar.set_postfix_str(f"{docs:,} docs, {tokens:,} tokens", refresh=False)
+        self.bar.update(min(done, self.total) - self.bar.n)
+        if final:
+            self.bar.close()
 
     def abort(self) -> None:
-        """End a half-drawn terminal line so an error message starts on its own line."""
-        if self.drawn and self.tty and self.stream is not None:
-            self.stream.write("\n")
-            self.stream.flush()
+        """End the bar so an error message starts on its own line."""
+        self.bar.close()
 
 
 # --- the entry point ---------------------------------------------------------------------------

@@ -413,15 +413,21 @@ def test_progress_line(tok: Tokenizer, tmp_path: Path) -> None:
     quiet = io.StringIO()  # not a terminal: nothing before the first minute
     preprocess([src], tmp_path / "a", tok, progress=quiet, block_bytes=2048)
     assert quiet.getvalue() == ""
-    bar = pp._Progress(1000, _TTY(), tty_every=0.0)
+    tty = _TTY()
+    bar = pp._Progress(1000, tty, tty_every=0.0)
     bar.update(250, 10, 123)
     bar.update(1000, 40, 456, final=True)
-    out = bar.stream.getvalue()
-    assert out.startswith("\r[#####               ]  25.0%") and "456 tokens" in out
-    assert out.endswith("\n") and out.count("\r") == 2
-    log = pp._Progress(1000, io.StringIO(), log_every=0.0)
-    log.update(500, 1, 2)
-    assert log.stream.getvalue().startswith("progress:  50.0%")
+    out = tty.getvalue()
+    assert "\r[preprocess]:  25%" in out and "456 tokens" in out
+    assert out.endswith("\n") and "\r" in out
+    log = io.StringIO()  # a batch log: plain lines, no carriage returns
+    bar = pp._Progress(1000, log, log_every=0.0)
+    bar.update(500, 1, 2)
+    bar.update(1000, 3, 4, final=True)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+    assert lines[-1].startswith("[preprocess]: 100.0%") and "3 docs, 4 tokens" in lines[-1]
+    assert any(line.startswith("[preprocess]:  50.0%") for line in lines)
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
