@@ -125,6 +125,153 @@ def read_hf_config(directory: Path) -> dict:
     return cfg
 
 
+# -- the fields of an input config.json --------------------------------------------------------
+# Every field transformers 4.57 and 5.x write for the two architectures (both spellings where
+# they differ), and the fields mcore-to-hf writes, is in exactly one table: MAPPED (read into
+# the model section), FIXED (only the value the trainer's model computes is accepted) or
+# IGNORED (harmless, with the reason). Any other field is refused by name unless it is null,
+# so a model feature the converter does not know (a new RoPE variant, a quantisation config,
+# a bias) can never be dropped silently.
+
+_MAPPED_COMMON = {
+    "architectures": "model.family (LlamaForCausalLM: dense, Qwen3MoeForCausalLM: moe)",
+    "vocab_size": "model.vocab_size",
+    "hidden_size": "model.hidden_size",
+    "num_hidden_layers": "model.num_layers",
+    "num_attention_heads": "model.num_attention_heads",
+    "num_key_value_heads": "model.num_query_groups",
+    "head_dim": "model.kv_channels",
+    "max_position_embeddings": "model.max_position_embeddings",
+    "rms_norm_eps": "model.norm_epsilon",
+    "rope_theta": "model.rotary_base (transformers 4.x spelling)",
+    "tie_word_embeddings": "model.tie_word_embeddings",
+    "initializer_range": "model.init_method_std",
+    "torch_dtype": "the checkpoint dtype (transformers 4.x spelling)",
+    "dtype": "the checkpoint dtype (transformers 5.x spelling)",
+}
+_MAPPED = {
+    "LlamaForCausalLM": {**_MAPPED_COMMON, "intermediate_size": "model.ffn_hidden_size"},
+    "Qwen3MoeForCausalLM": {
+        **_MAPPED_COMMON,
+        "moe_intermediate_size": "model.moe_ffn_hidden_size",
+        "num_experts": "model.num_experts (transformers 4.x spelling)",
+        "num_local_experts": "model.num_experts (transformers 5.x spelling)",
+        "num_experts_per_tok": "model.moe_router_topk",
+        "norm_topk_prob": "model.moe_norm_topk_prob",
+        "router_aux_loss_coef": "model.moe_aux_loss_coeff",
+    },
+}
+
+
+def _rope_problem(value) -> str | None:
+    """Why a ``rope_scaling`` / ``rope_parameters`` value is not plain RoPE, or None. Both
+    spellings of the type (``rope_type``; ``type`` before transformers 4.45) are read."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        return "expected a mapping"
+    kind = value.get("rope_type", value.get("type", "default"))
+    if kind != "default":
+        return f"RoPE scaling {kind!r} is not supported (the trainer's RoPE is unscaled)"
+    extra = sorted(set(value) - {"rope_type", "type", "rope_theta"})
+    if extra:
+        return f"RoPE parameters {extra} are not supported (the trainer's RoPE is unscaled)"
+    return None
+
+
+def _equals(*allowed):
+    """A FIXED check: the value must equal one of ``allowed`` (a bool only a bool)."""
+
+    def check(value) -> str | None:
+        ok = any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
+        return None if ok else f"is not supported (only {' or '.join(map(repr, allowed))})"
+
+    return check
+
+
+_FIXED_COMMON = {
+    "hidden_act": _equals("silu"),
+    "attention_bias": _equals(False),
+    "attention_dropout": _equals(0.0, 0),
+    "rope_scaling": _rope_problem,
+    "rope_parameters": _rope_problem,
+}
+_FIXED = {
+    "LlamaForCausalLM": {
+        **_FIXED_COMMON,
+        "mlp_bias": _equals(False),
+        "pretraining_tp": _equals(1),
+    },
+    "Qwen3MoeForCausalLM": {
+        **_FIXED_COMMON,
+        "decoder_sparse_step": _equals(1),
+        "mlp_only_layers": _equals([]),
+        "use_sliding_window": _equals(False),
+    },
+}
+_SLIDING = "read only with use_sliding_window=true (refused)"
+_IGNORED_COMMON = {
+    "model_type": "implied by architectures",
+    "transformers_version": "the version of transformers that wrote the file",
+    "_name_or_path": "where transformers loaded the model from",
+    "use_cache": "an inference option (KV cache)",
+    "bos_token_id": "a tokenizer id: kept for the export, no weight depends on it",
+    "eos_token_id": "a tokenizer id: kept for the export, no weight depends on it",
+    "pad_token_id": "a tokenizer id: kept for the export, no weight depends on it",
+}
+_IGNORED = {
+    "LlamaForCausalLM": _IGNORED_COMMON,
+    "Qwen3MoeForCausalLM": {
+        **_IGNORED_COMMON,
+        "intermediate_size": "no layer uses it without mlp_only_layers; kept for the export",
+        "output_router_logits": "an output option of the HF model",
+        "sliding_window": _SLIDING,
+        "max_window_layers": _SLIDING,
+    },
+}
+
+
+def field_table(arch: str) -> dict[str, str]:
+    """Every ``config.json`` field hf-to-mcore accepts for ``arch``, with how it is used
+    (``mapped: ...``, ``fixed``, ``ignored: <reason>``)."""
+    return {
+        **{k: f"mapped: {v}" for k, v in _MAPPED[arch].items()},
+        **dict.fromkeys(_FIXED[arch], "fixed"),
+        **{k: f"ignored: {v}" for k, v in _IGNORED[arch].items()},
+    }
+
+
+def check_fields(cfg: dict, path: Path) -> None:
+    """Refuse, naming each, every field of ``cfg`` (a supported architecture's config) that
+    the converter would drop: a field outside the tables with a non-null value, a FIXED field
+    with another value, a RoPE scaling in either spelling, or two spellings that disagree."""
+    arch = cfg["architectures"][0]
+    fixed, known = _FIXED[arch], field_table(arch)
+    problems = []
+    for name, value in cfg.items():
+        if name in fixed:
+            why = None if value is None else fixed[name](value)
+            if why:
+                problems.append(f"{name}={value!r}: {why}")
+        elif name not in known and value is not None:
+            problems.append(
+                f"{name}={value!r}: not a field the converter maps (refusing to drop it)"
+            )
+    for a, b in (("num_experts", "num_local_experts"), ("torch_dtype", "dtype")):
+        if cfg.get(a) is not None and cfg.get(b) is not None and cfg[a] != cfg[b]:
+            problems.append(f"{a}={cfg[a]!r} and {b}={cfg[b]!r} disagree")
+    theta = [(k, v) for k, v in (("rope_theta", cfg.get("rope_theta")),) if v is not None]
+    theta += [
+        (f"{k}.rope_theta", v["rope_theta"])
+        for k in ("rope_parameters", "rope_scaling")
+        if isinstance(v := cfg.get(k), dict) and v.get("rope_theta") is not None
+    ]
+    if len({float(v) for _, v in theta}) > 1:
+        problems.append(f"RoPE bases disagree: {dict(theta)}")
+    if problems:
+        raise ConversionError(f"{path}: {arch} fields not supported: {'; '.join(problems)}")
+
+
 def _field(cfg: dict, path: Path, *names: str, default=None, required: bool = True):
     for n in names:
         if n in cfg and cfg[n] is not None:
@@ -145,14 +292,8 @@ def model_config_from_hf(cfg: dict, directory: Path) -> tuple[ModelConfig, torch
             "(dense LLM-jp-4 models are LlamaForCausalLM, MoE ones Qwen3MoeForCausalLM)"
         )
     arch = archs[0]
-    for name, expected in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-        if cfg.get(name, expected) != expected:
-            raise ConversionError(f"{path}: {name}={cfg[name]!r} is not supported ({expected!r})")
+    check_fields(cfg, path)
     rope = cfg.get("rope_parameters") or {}
-    if (cfg.get("rope_scaling") or {}).get("rope_type", "default") != "default" or rope.get(
-        "rope_type", "default"
-    ) != "default":
-        raise ConversionError(f"{path}: RoPE scaling is not supported (rope_type must be default)")
     heads = _field(cfg, path, "num_attention_heads")
     hidden = _field(cfg, path, "hidden_size")
     fields = dict(
@@ -173,12 +314,6 @@ def model_config_from_hf(cfg: dict, directory: Path) -> tuple[ModelConfig, torch
         fields.update(qk_layernorm=False, num_experts=None, moe_ffn_hidden_size=None)
         base = "llm-jp-4-tiny-dense"
     else:
-        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
-            raise ConversionError(
-                f"{path}: dense layers inside the MoE model (mlp_only_layers="
-                f"{cfg.get('mlp_only_layers')}, decoder_sparse_step="
-                f"{cfg.get('decoder_sparse_step')}) are not supported"
-            )
         fields.update(
             family="moe",
             ffn_hidden_size=None,

@@ -272,3 +272,152 @@ def test_tensor_writer_reader_roundtrip_and_holes(tmp_path):
         w.finish()
     with pytest.raises(CheckpointError, match="shape"):
         w.write([("stack", (1,), torch.zeros(4, 6))])
+
+
+_LLAMA_4_57 = {  # LlamaConfig.save_pretrained of transformers 4.57 (tiny sizes)
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "dtype": "float32",
+    "eos_token_id": 2,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "initializer_range": 0.02,
+    "intermediate_size": 96,
+    "max_position_embeddings": 4096,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 4,
+    "num_key_value_heads": 2,
+    "pad_token_id": 4,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "transformers_version": "4.57.1",
+    "use_cache": True,
+    "vocab_size": 1000,
+}
+_QWEN3_MOE_4_57 = {  # Qwen3MoeConfig.save_pretrained of transformers 4.57 (tiny sizes)
+    **{k: v for k, v in _LLAMA_4_57.items() if k not in ("mlp_bias", "pretraining_tp", "dtype")},
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "torch_dtype": "bfloat16",
+    "decoder_sparse_step": 1,
+    "max_window_layers": 28,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 48,
+    "norm_topk_prob": True,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "use_sliding_window": False,
+}
+
+
+def _transformers_export(arch: str, tmp_path) -> dict:
+    transformers = pytest.importorskip("transformers")
+    common = {k: _LLAMA_4_57[k] for k in ("vocab_size", "hidden_size", "head_dim", "rope_theta")}
+    common.update(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    if arch == "dense":
+        cfg = transformers.LlamaConfig(intermediate_size=96, **common)
+    else:
+        cfg = transformers.Qwen3MoeConfig(
+            intermediate_size=96, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+            **common,
+        )  # fmt: skip
+    cfg.architectures = ["LlamaForCausalLM" if arch == "dense" else "Qwen3MoeForCausalLM"]
+    cfg.save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("source", ["dense-4.57", "moe-4.57", "dense-installed", "moe-installed"])
+def test_real_exports_pass_the_field_table(source, tmp_path):
+    arch, version = source.split("-")
+    if version == "4.57":
+        cfg = _LLAMA_4_57 if arch == "dense" else _QWEN3_MOE_4_57
+    else:
+        cfg = _transformers_export(arch, tmp_path)
+    model, _ = hf_config.model_config_from_hf(cfg, tmp_path)
+    assert model.family == arch and model.rotary_base == 500000.0
+    if arch == "moe":
+        assert (model.num_experts, model.moe_router_topk) == (4, 2)
+
+
+@pytest.mark.parametrize("arch", ["dense", "moe"])
+def test_exports_and_their_recorded_fields_pass_the_field_table(arch, tmp_path):
+    """What mcore-to-hf writes (with a release's fields recorded at import) reads back."""
+    from dataclasses import replace
+
+    from megatron_llmjp.checkpoint.manifest import model_section
+
+    section = _section(arch)
+    release = _QWEN3_MOE_4_57 if arch == "moe" else _LLAMA_4_57
+    kept = hf_config.release_fields(release, section)
+    section = model_section(
+        replace(hf_config.model_config_from_hf(release, tmp_path)[0], hf_config=json.dumps(kept)),
+        1,
+        "sequential",
+    )
+    for ids in (False, True):
+        cfg = hf_config.to_hf_config(
+            section, torch.bfloat16, hf_config.LLMJP4_TOKEN_IDS, tokenizer_ids=ids
+        )
+        table = hf_config.field_table(cfg["architectures"][0])
+        assert set(cfg) <= set(table), sorted(set(cfg) - set(table))
+        hf_config.model_config_from_hf(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["dense", "moe"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        # the pre-rope_type spelling transformers still reads
+        ({"rope_scaling": {"type": "linear", "factor": 4}}, r"rope_scaling=.*'linear'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling=.*'yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}},
+            r"rope_parameters=.*'llama3'",
+        ),
+        (
+            {"rope_parameters": {"type": "dynamic", "factor": 2.0, "rope_theta": 500000.0}},
+            r"rope_parameters=.*'dynamic'",
+        ),
+        ({"rope_scaling": {"type": "default", "factor": 4}}, r"rope_scaling=.*\['factor'\]"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+            r"RoPE bases disagree",
+        ),
+        ({"quantization_config": {"quant_method": "fp8"}}, r"quantization_config=.*not a field"),
+        ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor=0\.5: not a field"),
+        ({"attention_dropout": 0.1}, r"attention_dropout=0\.1"),
+        ({"attention_bias": 1}, r"attention_bias=1"),
+        ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+    ],
+)
+def test_fields_the_converter_would_drop_are_refused_by_name(arch, change, match, tmp_path):
+    base = _QWEN3_MOE_4_57 if arch == "moe" else _LLAMA_4_57
+    with pytest.raises(ConversionError, match=match):
+        hf_config.model_config_from_hf({**base, **change}, tmp_path)
+
+
+def test_fields_of_the_other_architecture_are_refused(tmp_path):
+    with pytest.raises(ConversionError, match=r"num_experts=4: not a field"):
+        hf_config.model_config_from_hf({**_LLAMA_4_57, "num_experts": 4}, tmp_path)
+    with pytest.raises(ConversionError, match=r"mlp_bias=True"):
+        hf_config.model_config_from_hf({**_QWEN3_MOE_4_57, "mlp_bias": True}, tmp_path)
+    for change, match in (
+        ({"num_local_experts": 8}, "num_experts=4 and num_local_experts=8 disagree"),
+        ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window=True"),
+        ({"mlp_only_layers": [1]}, r"mlp_only_layers=\[1\]"),
+    ):
+        with pytest.raises(ConversionError, match=match):
+            hf_config.model_config_from_hf({**_QWEN3_MOE_4_57, **change}, tmp_path)
+    # An unknown field that is null is absent in effect.
+    hf_config.model_config_from_hf({**_LLAMA_4_57, "quantization_config": None}, tmp_path)
