@@ -289,7 +289,12 @@ def _build_data(cfg: RunConfig, progress: Progress, is_logger: bool):
                 flush=True,
             )
     data = build_data(
-        cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), stage_start=start
+        cfg,
+        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(),
+        stage_start=start,
+        iteration=progress.iteration,
+        stage_consumed=position,
     )
     data.train.resume_at(progress.iteration, position)
     progress.data_stage, progress.stage_start_iteration = stage, start

@@ -8,6 +8,7 @@ validation loss, exact resume and the switch to a new stage.
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -125,6 +126,12 @@ def test_resume_on_the_mixture_is_exact_and_a_new_stage_starts_fresh(mixture, tm
     second = spawn(_train, 2, _overrides(mixture, tmp_path / "b", const, ckpt))[-1]
     assert first["loss"] + second["loss"] == straight["loss"]
     assert second["progress"]["stage_consumed_samples"] == 48
+    # Resumed with a smaller global batch: the stage holds the 48 samples read plus 2 x 4.
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt4")
+    small = _overrides(mixture, tmp_path / "c", const, f"checkpoint.dir={tmp_path / 'ckpt4'}")
+    smaller = spawn(_train, 2, [*small, "train.global_batch_size=4", "train.iters=8"])[-1]
+    assert len(smaller["loss"]) == 2 and all(math.isfinite(x) for x in smaller["loss"])
+    assert smaller["progress"]["stage_consumed_samples"] == 56
     mid_over = _overrides(mixture, tmp_path / "m", const, ckpt, "data.stage=midtrain")
     mid = spawn(_train, 2, [*mid_over, "train.iters=8"])[-1]
     assert mid["progress"]["data_stage"] == "midtrain"
