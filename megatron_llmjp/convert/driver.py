@@ -50,30 +50,27 @@ class Report:
 
 
 class _Progress:
-    """One line per update on stderr: a bar over layers, bytes and throughput."""
+    """The conversion progress bar (``megatron_llmjp.progress``) over tensor groups, with bytes
+    and throughput; ``bytes`` is the total written for the report."""
 
     def __init__(self, total: int, what: str, enabled: bool):
-        self.total, self.what, self.enabled = total, what, enabled
-        self.t0, self.bytes, self.done = time.perf_counter(), 0, 0
-        self.shown = 0.0
+        from megatron_llmjp.progress import progress_bar
+
+        self.total, self.bytes, self.done = total, 0, 0
+        self.t0 = time.perf_counter()
+        self.bar = progress_bar(total, f"[convert] {what}", unit="group", enabled=enabled)
 
     def step(self, nbytes: int, advance: bool = True) -> None:
         self.done += advance
         self.bytes += nbytes
-        now = time.perf_counter()
-        if not self.enabled or (not advance and now - self.shown < 0.5):
-            return
-        self.shown = now
-        dt = max(now - self.t0, 1e-9)
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        sys.stderr.write(
-            f"\r[convert] {self.what} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{self.done}/{self.total} {self.bytes / 1e9:.2f} GB {self.bytes / 1e9 / dt:.2f} GB/s"
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.bytes / 1e9:.2f} GB {self.bytes / 1e9 / dt:.2f} GB/s", refresh=False
         )
+        if advance:
+            self.bar.update(1)
         if self.done == self.total and advance:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.bar.close()
 
 
 class _WriteBehind:

@@ -12,7 +12,6 @@ shape, the target layout) is checked before the output directory is created.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from megatron_llmjp.convert.driver import claim_tensors
 from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.transforms import TRANSFORMS
 from megatron_llmjp.parallel.layout import Layout, smallest_layout
+from megatron_llmjp.progress import progress_bar
 from megatron_llmjp.upcycle import drop
 
 
@@ -311,7 +311,8 @@ def upcycle(
         writer = TensorWriter(ckpt)
         for r in p.moe_rules:
             writer.declare(r.mcore, mappings.global_shape(r, p.moe), p.dtype)
-        for n, (label, rules, layer) in enumerate(groups):
+        bar = progress_bar(len(groups), "[upcycle]", unit="group", enabled=progress)
+        for label, rules, layer in groups:
             index = () if layer is None else (layer,)
             requests = [(p.source[r.mcore], index) for r in rules]
             if layer is not None:
@@ -327,11 +328,9 @@ def upcycle(
             writer.write(slices)
             total += sum(t.numel() * t.element_size() for _, _, t in slices)
             del tensors, slices
-            if progress:
-                sys.stderr.write(f"\r[upcycle] {label} ({n + 1}/{len(groups)})\x1b[K")
-                sys.stderr.flush()
-        if progress:
-            sys.stderr.write("\n")
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(1)
+        bar.close()
         source = {
             "dense_checkpoint": str(p.directory.resolve()),
             "dense_iteration": p.manifest["iteration"],
