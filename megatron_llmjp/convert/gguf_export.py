@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_llmjp.convert.hf_config import read_hf_config
+from megatron_llmjp.convert.hf_config import check_fields, read_hf_config
 from megatron_llmjp.convert.safetensors_io import HFReader
 from megatron_llmjp.convert.transforms import ConversionError
 
@@ -391,6 +391,7 @@ def hf_to_gguf(
         raise ConversionError(
             f"{path}: architectures={archs!r}; GGUF export supports {sorted(ARCHITECTURES)}"
         )
+    check_fields(cfg, path)  # e.g. a RoPE scaling llama.cpp would not be told about
     arch_name = ARCHITECTURES[archs[0]]
     if arch_name == "qwen3moe" and cfg.get("norm_topk_prob") is False:
         raise ConversionError(

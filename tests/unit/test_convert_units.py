@@ -421,3 +421,23 @@ def test_fields_of_the_other_architecture_are_refused(tmp_path):
             hf_config.model_config_from_hf({**_QWEN3_MOE_4_57, **change}, tmp_path)
     # An unknown field that is null is absent in effect.
     hf_config.model_config_from_hf({**_LLAMA_4_57, "quantization_config": None}, tmp_path)
+
+
+@pytest.mark.parametrize("command", ["hf-to-mcore", "hf-to-gguf"])
+def test_cli_refuses_legacy_rope_scaling_before_writing(command, tmp_path, capsys):
+    """The fault: ``{"type": "linear", "factor": 4}`` passed the check and, with
+    ``--skip-parity``, an unscaled model was written. Refused from config.json alone."""
+    from megatron_llmjp.cli.convert import main
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    cfg = {**_LLAMA_4_57, "rope_scaling": {"type": "linear", "factor": 4}}
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / ("out.gguf" if command == "hf-to-gguf" else "out")
+    extra = ["--skip-parity", "--no-progress"] if command == "hf-to-mcore" else []
+    if command == "hf-to-gguf":
+        pytest.importorskip("gguf")
+    assert main([command, "--input", str(src), "--output", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "rope_scaling=" in err and "'linear'" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
