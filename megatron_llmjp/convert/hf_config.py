@@ -199,11 +199,13 @@ _FIXED_COMMON = {
 _FIXED = {
     "LlamaForCausalLM": {
         **_FIXED_COMMON,
+        "model_type": _equals("llama"),  # AutoConfig picks the config class by it
         "mlp_bias": _equals(False),
         "pretraining_tp": _equals(1),
     },
     "Qwen3MoeForCausalLM": {
         **_FIXED_COMMON,
+        "model_type": _equals("qwen3_moe"),
         "decoder_sparse_step": _equals(1),
         "mlp_only_layers": _equals([]),
         "use_sliding_window": _equals(False),
@@ -211,7 +213,6 @@ _FIXED = {
 }
 _SLIDING = "read only with use_sliding_window=true (refused)"
 _IGNORED_COMMON = {
-    "model_type": "implied by architectures",
     "transformers_version": "the version of transformers that wrote the file",
     "_name_or_path": "where transformers loaded the model from",
     "use_cache": "an inference option (KV cache)",

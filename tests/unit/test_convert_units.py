@@ -399,6 +399,7 @@ def test_exports_and_their_recorded_fields_pass_the_field_table(arch, tmp_path):
         ({"attention_dropout": 0.1}, r"attention_dropout=0\.1"),
         ({"attention_bias": 1}, r"attention_bias=1"),
         ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+        ({"model_type": "mistral"}, r"model_type='mistral'"),
     ],
 )
 def test_fields_the_converter_would_drop_are_refused_by_name(arch, change, match, tmp_path):
