@@ -8,6 +8,9 @@ the rank's stdout and stderr, so ``llmjp-train ... | tail`` never saw end-of-fil
 - that Manager is started by ``install()``'s replacement, whose server process asks the kernel
   for SIGKILL when the rank dies (``PR_SET_PDEATHSIG``) and holds no log pipe (its stdio goes to
   ``/dev/null``);
+- every process this rank forks from its main thread (megatron-core's asynchronous checkpoint
+  writer and its workers) gets the same request for its own death, so none outlives an abrupt
+  exit of the rank either;
 - ``ChildProcesses.end()`` (the trainer's ``finally``) shuts that Manager down and ends every
   other process started during the run that is still alive (terminate, then kill).
 """
@@ -20,20 +23,42 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 from multiprocessing.managers import SyncManager
 
 _PR_SET_PDEATHSIG = 1
 _manager: SyncManager | None = None
+_fork_hooks = False
+_fork_parent: int | None = None
+"""Set in the parent just before a fork from its main thread (None: from another thread)."""
+
+
+def _request_death_signal(parent_pid: int) -> None:
+    """``PR_SET_PDEATHSIG``: SIGKILL this process when ``parent_pid`` (its creator) exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _before_fork() -> None:
+    global _fork_parent
+    # The kernel signals when the forking *thread* ends: only main-thread forks qualify.
+    main = threading.current_thread() is threading.main_thread()
+    _fork_parent = os.getpid() if main else None
+
+
+def _after_fork_in_child() -> None:
+    if _fork_parent is not None:
+        _request_death_signal(_fork_parent)
 
 
 def die_with_parent(parent_pid: int) -> None:
     """In a child process: have the kernel SIGKILL it when ``parent_pid`` exits (Linux), and
     point its stdio at ``/dev/null`` so it never holds the parent's log pipe."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before the request took effect
-            os._exit(1)
+    _request_death_signal(parent_pid)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -54,10 +79,15 @@ def _write_results_queue():
 
 
 def install() -> None:
-    """Route megatron-core's checkpoint results Manager through ``_write_results_queue``."""
+    """Route megatron-core's checkpoint results Manager through ``_write_results_queue``, and
+    make every later main-thread fork of this process die with it."""
+    global _fork_hooks
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
     fa._get_write_results_queue = _write_results_queue
+    if not _fork_hooks:
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        _fork_hooks = True
 
 
 def shutdown_results_manager() -> None:
