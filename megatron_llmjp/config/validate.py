@@ -1,7 +1,7 @@
 """Checks of a ``RunConfig`` that need no process group (world size comes from the environment).
 
-The precision recipe and mixture checks live with their code and are called at validation
-time (function-local imports), so importing ``config/`` never imports the layers above it.
+The mixture file's checks live with the mixture code (``data/mixture.py``) and are imported
+when a config names a mixture, so importing ``config/`` never imports the layers above it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from megatron_llmjp.config.errors import ConfigError
+from megatron_llmjp.config.precision_checks import validate_precision
 from megatron_llmjp.config.schema import RunConfig
 
 
@@ -117,8 +118,6 @@ def _check_schedule(cfg: RunConfig) -> None:
 
 def _check_precision(cfg: RunConfig) -> None:
     """The precision recipe (checked by its own module)."""
-    from megatron_llmjp.precision.recipes import validate_precision
-
     validate_precision(cfg)
 
 

@@ -1,4 +1,5 @@
-"""``megatron_llmjp.config`` is the bottom layer: importing it pulls in nothing above it."""
+"""``megatron_llmjp.config`` is the bottom layer: importing it, and building and validating a
+config without a mixture, pulls in nothing above it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ def test_config_imports_nothing_above_it():
         "import megatron_llmjp.config.errors, megatron_llmjp.config.schema\n"
         "import megatron_llmjp.config.presets, megatron_llmjp.config.loader\n"
         "import megatron_llmjp.config.validate\n"
+        "megatron_llmjp.config.loader.build_config(overrides=['data.synthetic=true'])\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('megatron_llmjp'))))\n"
     )
     out = subprocess.run(
