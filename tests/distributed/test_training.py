@@ -162,7 +162,8 @@ def test_text_run_writes_metrics_tensorboard_and_config(tmp_path, shared_data):
 @pytest.mark.slow
 def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
     """The README's main job through torchrun (4 processes, TP2 x PP2 x EP2), shortened, then
-    launched again with more iterations: the second launch resumes from the first's checkpoint."""
+    launched again with more iterations: the second launch resumes from the first's checkpoint,
+    which ``--output-dir`` put in this test's directory (never runs/quickstart/checkpoints)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # The documented data command, into this test's directory; the mixture points there.
     data = tmp_path / "data"
@@ -191,7 +192,6 @@ def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
         for o in (
             f"train.iters={iters}",
             "logging.interval=1",
-            f"checkpoint.dir={tmp_path / 'ckpt'}",
             "checkpoint.interval=3",
             f"data.mixture={mixture}",
             "train.eval_interval=3",
@@ -201,12 +201,16 @@ def test_torchrun_entry_point_quickstart(tmp_path, shared_data):
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc
 
+    shared = REPO / "runs" / "quickstart" / "checkpoints"
+    before = sorted(p.name for p in shared.glob("*"))
     launch(6)
+    assert sorted(p.name for p in shared.glob("*")) == before
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["valid_loss"] < records[2]["valid_loss"]
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*")) == [
+    # configs/quickstart.yaml's checkpoint.dir is relative: in the run's --output-dir.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*")) == [
         "iter_0000003",
         "iter_0000006",
     ]
