@@ -431,14 +431,26 @@ class HFTokenizer(Tokenizer):
     def encode_text_batch(
         self, texts: Sequence[str], num_threads: int | None = None
     ) -> list[list[int]]:
-        """The batch encoder of a copy of the tokenizer with ``encode_special_tokens`` set:
-        special added tokens spelled in the text are split like any other text. (Non-special
-        added tokens are still matched, as ``tokenizers`` offers no switch for them.)"""
+        """The batch encoder of a copy of the tokenizer (built once) in which no added token
+        is matched in text: every added token is special and ``encode_special_tokens`` is set,
+        so their text is split like any other; in a Unigram model their vocabulary entries are
+        also renamed to strings text cannot spell, so the model cannot choose them either."""
         if not texts:
             return []
         plain = getattr(self, "_plain", None)
         if plain is None:
-            plain = type(self._tok).from_str(self._tok.to_str())
+            spec = json.loads(self._tok.to_str())
+            added = spec.get("added_tokens") or []
+            for t in added:
+                t["special"] = True
+            model = spec.get("model") or {}
+            if model.get("type") == "Unigram":
+                for t in added:
+                    i = t.get("id")
+                    if isinstance(i, int) and 0 <= i < len(model.get("vocab", [])):
+                        model["vocab"][i][0] = f"\x00llmjp-added-{i}\x00"
+                        t["content"] = model["vocab"][i][0]
+            plain = type(self._tok).from_str(json.dumps(spec))
             plain.encode_special_tokens = True
             self._plain = plain
         return [e.ids for e in plain.encode_batch(list(texts), add_special_tokens=False)]

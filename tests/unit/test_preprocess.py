@@ -159,6 +159,24 @@ def test_special_token_text_stays_text(tok: Tokenizer, sp, tmp_path: Path) -> No
     assert EOD in tok.encode("a <EOD> b")
 
 
+def test_special_token_text_stays_text_with_the_hf_tokenizer(tmp_path: Path) -> None:
+    """The released HF tokenizer (built from the .model by the exporter, every control and
+    user-defined piece a special added token, ids 4/6 renamed ``<|endoftext|>``/``<|eod|>``):
+    neither name set in a document becomes a control id."""
+    pytest.importorskip("transformers")
+    from megatron_llmjp.convert.hf_tokenizer import export_tokenizer
+
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(TOKENIZER_DIR, tmp_path / "hf")
+    hf = Tokenizer.from_path(tmp_path / "hf" / "tokenizer.json")
+    assert hf.backend == "hf" and hf.eod_id == EOD and EOD in hf.encode("x <|eod|> y")
+    s = preprocess([write_jsonl(tmp_path / "sp.jsonl", SPECIAL_TEXT)], tmp_path / "ds", hf)
+    for d, text in zip(read_dataset(tmp_path / "ds"), SPECIAL_TEXT, strict=True):
+        assert d[-1] == EOD and not set(d[:-1]) & set(range(352)), (text, d)
+        assert hf.decode(d[:-1]) == text
+    assert s.documents == len(SPECIAL_TEXT)
+
+
 def test_quickstart_code_documents_have_one_eod_each(tok: Tokenizer, tmp_path: Path) -> None:
     """The quickstart's ``code`` source (this repository's Python) spells ``<EOD>``, ``<pad>``
     and the released names in its docstrings: one EOD per document all the same."""
