@@ -1,10 +1,11 @@
 """TP larger than the KV groups: megatron-core replicates each K/V head on tp / groups ranks.
 
-The tiny dense model has 4 query heads in 2 KV groups; ``parallel.tp=4`` puts one query head
-on each rank and each KV group on two. The run must reproduce the single-process run in FP32
-(losses, gradient norms and the final parameters and Adam moments, within the bounds of
-``test_parity``), and its checkpoint (global tensors) must export to Hugging Face with the
-tensors of the single-process layout's names and shapes.
+The tiny models have 4 query heads in 2 KV groups; ``parallel.tp=4`` puts one query head on
+each rank and each KV group on two (the MoE model also normalises q and k per head after the
+split, and shards its experts over the 4 ranks). The run must reproduce the single-process
+run in FP32 (losses, gradient norms and the final parameters and Adam moments, within the
+bounds of ``test_parity``), and its checkpoint (global tensors) must export to Hugging Face
+with the tensors of the single-process layout's names and shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tests.distributed.test_parity import FP32_BOUND, STEPS, _compare, _run
 from tests.helpers.spawn import spawn
 
 pytestmark = pytest.mark.distributed
-DENSE = "model.name=llm-jp-4-tiny-dense"
+MODELS = ["model.name=llm-jp-4-tiny-dense", "model.name=llm-jp-4-tiny-moe"]
 
 
 def _export(ckpt: str, out: str) -> list[str]:
@@ -33,9 +34,10 @@ def _export(ckpt: str, out: str) -> list[str]:
     return sorted(names)
 
 
-def test_tp4_on_two_kv_groups_matches_single_process(tmp_path):
-    ref = _run(1, [DENSE], tmp_path / "ref")
-    got = _run(4, [DENSE, "parallel.tp=4"], tmp_path / "tp4")
+@pytest.mark.parametrize("model", MODELS, ids=["dense", "moe"])
+def test_tp4_on_two_kv_groups_matches_single_process(model, tmp_path):
+    ref = _run(1, [model], tmp_path / "ref")
+    got = _run(4, [model, "parallel.tp=4"], tmp_path / "tp4")
     diffs = _compare(got, ref)
     print("max rel diff:", " ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
     for key, diff in diffs.items():
