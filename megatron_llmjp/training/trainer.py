@@ -200,11 +200,11 @@ def train_step(
     ``time_forward_backward``, ``time_optimizer``; on CUDA measured after a synchronise)."""
     from megatron.core import parallel_state as ps
 
-    t_start = _now()
     lr = state.schedule.apply(consumed_samples)
     for m in state.model:
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
+    t_start = _now()
     micro = state.data.train.microbatches(step)
     t_data = _now()
     losses = _schedule(state, cfg, micro, poison=monitor.injected("nan_loss", step + 1))
@@ -452,6 +452,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
                 flush=True,
             )
         monitor.install_signal_handlers()
+        checkpoint_time = 0.0
         for step in range(progress.iteration, cfg.train.iters):
             monitor.at_step_start(step + 1)
             t0 = _now()
@@ -485,16 +486,19 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             if every and ((step + 1) % every == 0 or step + 1 == cfg.train.iters):
                 record["valid_loss"] = evaluate(state, cfg)
             history.append(record)
-            interval = cfg.checkpoint.interval
-            record["time_checkpoint"] = 0.0
-            if save and (stop or (interval and progress.iteration % interval == 0)):
-                record["time_checkpoint"] = save(progress)
-                last_saved = progress.iteration
+            # Seconds training was blocked by saves since the previous logged record (a save
+            # follows its step's record, so that the record is written before a long save).
+            record["time_checkpoint"] = checkpoint_time
             log_now = (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters
             if log_now or stop:
                 record.update(telemetry.collect(step + 1))  # collective: every rank calls it
+                checkpoint_time = 0.0
             if writer and (log_now or stop):
                 writer.write(record)
+            interval = cfg.checkpoint.interval
+            if save and (stop or (interval and progress.iteration % interval == 0)):
+                checkpoint_time += save(progress)
+                last_saved = progress.iteration
             if queue is not None:
                 queue.maybe_finalize_async_calls(blocking=False)
             if stop:
