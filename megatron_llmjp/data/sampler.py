@@ -100,8 +100,8 @@ def _mixture_token_ids(cfg: RunConfig):
 
 def stage_samples(iters: int, global_batch_size: int, iteration: int, consumed: int) -> int:
     """Samples a data stage must hold to reach ``iters``: the ``consumed`` ones read before
-    ``iteration`` plus ``global_batch_size`` for each step left (at least one step)."""
-    return int(consumed) + max(int(iters) - int(iteration), 1) * int(global_batch_size)
+    ``iteration`` plus ``global_batch_size`` for each step left."""
+    return int(consumed) + max(int(iters) - int(iteration), 0) * int(global_batch_size)
 
 
 def _mixture_data(
@@ -125,7 +125,7 @@ def _mixture_data(
                 f"needs {needed}"
             )
     else:
-        train_samples = needed
+        train_samples = max(needed, t.global_batch_size)  # megatron-core needs a sample
     token_ids = _mixture_token_ids(cfg)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     cache = Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir) / "dataset_cache"

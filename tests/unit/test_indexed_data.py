@@ -101,6 +101,9 @@ def test_stage_token_budget_counts_the_consumed_samples(tmp_path, group):
     build_data(cfg, 0, 1)  # 16 samples from the start: within the budget
     with pytest.raises(ConfigError, match=r"needs 24"):
         build_data(cfg, 0, 1, iteration=2, stage_consumed=16)
+    # A finished stage that used its whole budget (5 steps of 4) reopens without complaint.
+    done = _cfg(mix, tmp_path, "train.global_batch_size=4", "train.iters=5")
+    build_data(done, 0, 1, iteration=5, stage_consumed=20)
 
 
 def _truncate(prefix: str, drop: int = 8) -> tuple[int, int]:
