@@ -102,6 +102,18 @@ def shutdown_results_manager() -> None:
             manager.shutdown()
 
 
+def _is_resource_tracker(proc) -> bool:
+    """multiprocessing's resource tracker ignores SIGTERM (terminating it would cost the whole
+    timeout) and exits by itself when this process, the only writer of its pipe, exits; it
+    also unlinks leaked semaphores on the way, which killing it would skip."""
+    import psutil
+
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 class ChildProcesses:
     """The descendants of this process that exist now; ``end()`` ends any started later."""
 
@@ -118,7 +130,9 @@ class ChildProcesses:
         shutdown_results_manager()
         try:
             new = [
-                p for p in psutil.Process().children(recursive=True) if p.pid not in self._before
+                p
+                for p in psutil.Process().children(recursive=True)
+                if p.pid not in self._before and not _is_resource_tracker(p)
             ]
         except psutil.Error:
             return []
