@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_llmjp.convert.transforms import ConversionError
+from megatron_llmjp.data.tokenizer import token_content
 
 # Chat pieces that end an assistant turn besides EOS, looked up by name in the exported
 # vocabulary (harmony-style chat template of LLM-jp-4: a tool call ends with <|call|>).
@@ -84,14 +85,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
-
-
-def _content(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
 
 
 def build_tokenizer_json(model_file: Path, names: dict[int, str]) -> Any:
@@ -185,9 +178,9 @@ def export_tokenizer(tokenizer: str | Path, out: Path) -> TokenizerExport:
         shutil.copy2(src / "tokenizer.json", out / "tokenizer.json")
     else:
         names = {
-            int(i): _content(v)
+            int(i): token_content(v)
             for i, v in (config.get("added_tokens_decoder") or {}).items()
-            if _content(v) is not None
+            if token_content(v) is not None
         }
         build_tokenizer_json(models[0], names).save(str(out / "tokenizer.json"))
     if models:
@@ -203,7 +196,7 @@ def export_tokenizer(tokenizer: str | Path, out: Path) -> TokenizerExport:
         # The folder's name for a role wins (the parity check then compares its id in the
         # exported tokenizer with config.json's); a role it does not name gets the piece at
         # the trainer's id.
-        name, i = _content(cfg.get(f"{role}_token")), roles.get(role, -1)
+        name, i = token_content(cfg.get(f"{role}_token")), roles.get(role, -1)
         if name is not None and name in vocab:
             cfg[f"{role}_token"] = name
         elif i is not None and i >= 0 and i in id_to_name:

@@ -324,7 +324,7 @@ class SentencePieceTokenizer(Tokenizer):
 # --- Hugging Face ------------------------------------------------------------------------------
 
 
-def _token_content(value: Any) -> str | None:
+def token_content(value: Any) -> str | None:
     """A special token as written in tokenizer_config.json / special_tokens_map.json: a string
     or an ``AddedToken`` dict with ``content``."""
     if isinstance(value, str):
@@ -367,7 +367,7 @@ class HFTokenizer(Tokenizer):
             config = config or {}
 
             def lookup(role: str) -> int:
-                name = _token_content(config.get(f"{role}_token"))
+                name = token_content(config.get(f"{role}_token"))
                 i = tok.token_to_id(name) if name is not None else None
                 return -1 if i is None else int(i)
 
