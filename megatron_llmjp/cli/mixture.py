@@ -20,7 +20,8 @@ import sys
 from dataclasses import asdict
 
 from megatron_llmjp.config.loader import ConfigError, build_config
-from megatron_llmjp.data.mixture import load_mixture, plan_stage
+from megatron_llmjp.config.mixture_file import load_mixture
+from megatron_llmjp.data.mixture import plan_stage
 
 PROG = "llmjp-mixture"
 

@@ -18,6 +18,8 @@ import yaml
 from megatron_llmjp.config.errors import ConfigError
 from megatron_llmjp.config.presets import MODELS
 from megatron_llmjp.config.schema import ModelConfig, RunConfig
+from megatron_llmjp.config.validate import SECTIONS, validate_static
+from megatron_llmjp.config.yaml_file import _Where, load_yaml
 
 __all__ = [
     "ConfigError",
@@ -28,47 +30,6 @@ __all__ = [
     "parse_overrides",
     "to_dict",
 ]
-
-
-_Where = dict[str, str]  # dotted key -> "file:line" for messages
-
-
-def _yaml_locations(text: str, path: str) -> _Where:
-    """Map dotted keys of a YAML mapping to ``file:line`` so type errors can point at the line."""
-    where: _Where = {}
-
-    def walk(node: yaml.Node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = f"{prefix}{key_node.value}"
-                where[key] = f"{path}:{key_node.start_mark.line + 1}"
-                walk(value_node, key + ".")
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return where
-    if root is not None:
-        walk(root, "")
-    return where
-
-
-def load_yaml(path: str | Path) -> tuple[dict, _Where]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-    return data, _yaml_locations(text, str(p))
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -219,8 +180,6 @@ def build_config(
 ) -> RunConfig:
     """Defaults < YAML file < ``--set`` overrides < ``--output-dir``; then validated: the
     sections ``uses`` names (default: all; see ``validate.validate_static``)."""
-    from megatron_llmjp.config.validate import SECTIONS, validate_static
-
     data: dict = {}
     where: _Where = {}
     if config_file is not None:

@@ -1,7 +1,8 @@
 """Checks of a ``RunConfig`` that need no process group (world size comes from the environment).
 
-The mixture file's checks live with the mixture code (``data/mixture.py``) and are imported
-when a config names a mixture, so importing ``config/`` never imports the layers above it.
+A named mixture file is parsed and checked here too (``mixture_file.py``); whether its datasets
+exist and agree with their index is checked before launch and before training
+(``data/mixture.py``). ``config/`` imports nothing above it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from megatron_llmjp.config.errors import ConfigError
+from megatron_llmjp.config.mixture_file import load_mixture
 from megatron_llmjp.config.precision_checks import validate_precision
 from megatron_llmjp.config.schema import RunConfig
 
@@ -188,8 +190,6 @@ def _check_data(cfg: RunConfig) -> None:
     if d.mixture is not None:
         if d.synthetic:
             raise ConfigError("data.mixture and data.synthetic=true are exclusive")
-        from megatron_llmjp.data.mixture import load_mixture
-
         load_mixture(d.mixture).stage(d.stage)  # the datasets are checked at launch
     elif d.stage is not None:
         raise ConfigError(f"data.stage={d.stage!r} needs data.mixture")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_llmjp.config.mixture_file import Mixture, Stage
 from megatron_llmjp.data.batches import SampleCursor, rank_rows
-from megatron_llmjp.data.mixture import Mixture, Stage, natural_tokens, shares
+from megatron_llmjp.data.mixture import natural_tokens, shares
 
 
 @dataclass(frozen=True)

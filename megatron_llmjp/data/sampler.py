@@ -109,8 +109,8 @@ def _mixture_data(
 ):
     import torch
 
+    from megatron_llmjp.config.mixture_file import load_mixture
     from megatron_llmjp.data.indexed import DatasetBatches, build_blend, samples_for
-    from megatron_llmjp.data.mixture import load_mixture
 
     t, d = cfg.train, cfg.data
     mixture = load_mixture(d.mixture)

@@ -279,7 +279,8 @@ def _mixture_dirs(mixture: str, stage: str | None, workdir: Path) -> list[Path]:
     """Folders of the stage's datasets, each checked as the trainer's preflight does (both
     files, ``.bin`` size against the ``.idx``); prefixes are relative to ``workdir``, where the
     job runs."""
-    from megatron_llmjp.data.mixture import check_indexed, load_mixture
+    from megatron_llmjp.config.mixture_file import load_mixture
+    from megatron_llmjp.data.mixture import check_indexed
 
     path = Path(mixture).expanduser()
     mix = load_mixture(path if path.is_absolute() else workdir / path)

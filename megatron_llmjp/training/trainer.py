@@ -273,7 +273,7 @@ def _build_data(cfg: RunConfig, progress: Progress, is_logger: bool):
 
     stage = None
     if cfg.data.mixture is not None:
-        from megatron_llmjp.data.mixture import load_mixture
+        from megatron_llmjp.config.mixture_file import load_mixture
 
         stage = load_mixture(cfg.data.mixture).stage(cfg.data.stage).name
     if stage is None:

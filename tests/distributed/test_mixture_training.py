@@ -58,7 +58,8 @@ def _overrides(mixture, out, *extra) -> list[str]:
 
 def _samples(overrides: list[str], n: int) -> dict:
     """Build the data as the trainer does (one rank) and report the first ``n`` samples."""
-    from megatron_llmjp.data.mixture import load_mixture, shares
+    from megatron_llmjp.config.mixture_file import load_mixture
+    from megatron_llmjp.data.mixture import shares
     from megatron_llmjp.data.sampler import build_data
 
     cfg = build_config(overrides=overrides)

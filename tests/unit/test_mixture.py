@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from megatron_llmjp.config.loader import ConfigError
-from megatron_llmjp.data.mixture import load_mixture, plan_stage, shares
+from megatron_llmjp.config.mixture_file import load_mixture
+from megatron_llmjp.data.mixture import plan_stage, shares
 
 GOOD = """\
 sources:

@@ -36,7 +36,7 @@ def test_shipped_ablations_build_every_run_config():
 
 
 def test_shipped_mixtures_parse():
-    from megatron_llmjp.data.mixture import load_mixture
+    from megatron_llmjp.config.mixture_file import load_mixture
 
     for path in sorted((REPO / "configs" / "mixtures").glob("*.yaml")):
         mixture = load_mixture(path)
