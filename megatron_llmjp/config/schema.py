@@ -140,6 +140,47 @@ class PrecisionConfig:
 
 
 @dataclass(kw_only=True)
+class RecomputeConfig:
+    """Activation recompute, megatron-core's ``recompute_*`` settings (mapped onto
+    ``TransformerConfig`` in ``megatron_llmjp/models/recompute.py``; the planner reads the
+    same fields)."""
+
+    granularity: Literal["none", "selective", "full"] = "none"
+    """``selective``: recompute the submodules in ``modules``; ``full``: whole transformer
+    layers (``method`` and ``num_layers``)."""
+    modules: list[str] | None = None
+    """Selective recompute: megatron-core 0.16.1's ``recompute_modules`` names (``core_attn``,
+    ``mlp``, ``moe_act``, ``layernorm``, ``moe``, ``shared_experts``, ``mla_up_proj``). None:
+    megatron-core's default, ``[core_attn]``. LLM-jp-4 MoE runs use ``[moe_act, layernorm]``."""
+    method: Literal["uniform", "block"] | None = None
+    """Full recompute: ``uniform`` recomputes groups of ``num_layers`` layers; ``block`` the
+    first ``num_layers`` layers of each pipeline stage (chunk)."""
+    num_layers: int | None = None
+    """Full recompute: layers per group (uniform) or per stage (block)."""
+
+
+@dataclass(kw_only=True)
+class PerformanceConfig:
+    """megatron-core's performance switches (mapped onto ``TransformerConfig`` and the DDP
+    config in ``megatron_llmjp/models/performance.py``). None means the default for the
+    device: what Megatron-LM uses for these models where Transformer Engine supports it on
+    GPU, off on CPU. Asking for a GPU-only switch on CPU is refused."""
+
+    gradient_accumulation_fusion: bool | None = None
+    cross_entropy_loss_fusion: bool | None = None
+    moe_permute_fusion: bool | None = None
+    moe_grouped_gemm: bool | None = None
+    tp_comm_overlap: bool | None = None
+    overlap_p2p_comm: bool | None = None
+    """p2p communication overlap of the interleaved pipeline schedule (needs vpp > 1)."""
+    attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] = "auto"
+    """megatron-core's ``AttnBackend``: ``auto`` lets Transformer Engine choose; CPU uses
+    ``local`` (megatron-core's unfused attention)."""
+    manual_gc_interval: int = 0
+    """Run Python's garbage collector by hand every N steps (0: automatic GC)."""
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     """AdamW with decoupled weight decay (LLM-jp-4 values as defaults)."""
 
@@ -293,6 +334,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -27,6 +27,8 @@ SECTIONS: tuple[str, ...] = (
     "optim",
     "schedule",
     "precision",
+    "recompute",
+    "performance",
     "logging",
     "checkpoint",
     "fault",
@@ -173,6 +175,24 @@ def _check_fault(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"fault.exit_signals: {name!r} is not a catchable signal name (e.g. SIGTERM)"
             )
+
+
+def _check_recompute(cfg: RunConfig) -> None:
+    """Activation recompute settings (see ``RecomputeConfig``)."""
+    r = cfg.recompute
+    if r.granularity != "full":
+        for key in ("method", "num_layers"):
+            if getattr(r, key) is not None:
+                raise ConfigError(
+                    f"recompute.{key} applies to recompute.granularity=full only "
+                    f"(got granularity={r.granularity})"
+                )
+
+
+def _check_performance(cfg: RunConfig) -> None:
+    """Performance switches that the config alone decides (see ``PerformanceConfig``);
+    availability on this machine is checked before launch."""
+    _positive(cfg.performance.manual_gc_interval, "performance.manual_gc_interval", True)
 
 
 def _check_parallel(cfg: RunConfig) -> None:

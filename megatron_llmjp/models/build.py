@@ -51,6 +51,8 @@ def transformer_config(cfg: RunConfig, layout: Layout):
     """Map our config onto megatron-core's ``TransformerConfig``."""
     from megatron.core.transformer import TransformerConfig
 
+    from megatron_llmjp.models.performance import performance_kwargs
+    from megatron_llmjp.models.recompute import recompute_kwargs
     from megatron_llmjp.precision.recipes import transformer_kwargs
 
     m, te = cfg.model, use_transformer_engine(cfg)
@@ -71,8 +73,6 @@ def transformer_config(cfg: RunConfig, layout: Layout):
             moe_z_loss_coeff=m.moe_z_loss_coeff or None,
             moe_router_dtype="fp32" if m.moe_router_dtype == "fp32" else None,
             moe_token_dispatcher_type=cfg.parallel.moe_token_dispatcher,
-            moe_grouped_gemm=te,
-            moe_permute_fusion=False,
         )
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -108,8 +108,6 @@ def transformer_config(cfg: RunConfig, layout: Layout):
         bias_dropout_fusion=te,
         apply_rope_fusion=te,
         masked_softmax_fusion=te,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
         persist_layer_norm=False,
         # gloo's batched isend/irecv pairs messages differently from NCCL's and corrupts the
         # interleaved schedule; unbatched p2p is exact on both.
@@ -118,6 +116,8 @@ def transformer_config(cfg: RunConfig, layout: Layout):
         cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         **moe,
         **transformer_kwargs(cfg.precision),
+        **recompute_kwargs(cfg),
+        **performance_kwargs(cfg, te),
     )
 
 
