@@ -67,30 +67,68 @@ def _fill_shard(sh, seed: int, std: float, num_layers: int) -> None:
         data[lo - row0 : hi - row0].copy_(piece * sigma)
 
 
+def _is_quantized(t: torch.Tensor) -> bool:
+    """True for a Transformer Engine quantized tensor (an FP8 weight built under TE's
+    ``fp8_model_init``, i.e. ``precision.fp8_param_gather``): megatron-core's own test."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    return is_float8tensor(t)
+
+
 def initialize_weights(
     chunks: list[torch.nn.Module], seed: int, std: float, num_layers: int
 ) -> None:
     """Fill every parameter of ``chunks`` from the layout-independent streams; fails if any
-    parameter element is left untouched (a new module type would otherwise keep garbage)."""
+    parameter element is left untouched (a new module type would otherwise keep garbage).
+
+    Plain parameters are matched to their shards by storage (a shard is the parameter or a view
+    of it). A quantized (FP8) parameter is a wrapper tensor without a storage of its own, and
+    writing a slice of it would quantise each slice with its own scale; its shards (the
+    parameter itself, ``state_dict(keep_vars=True)``, or the pieces a ``ShardedTensorFactory``
+    builds from it) are filled in a high-precision tensor of its shape, quantised once into the
+    parameter, and copied into TE's high-precision initial value, from which megatron-core's
+    distributed optimizer takes its FP32 master weights."""
+    from dataclasses import replace
+
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     for chunk in chunks:
-        # Shards are views of parameters (or of buffers): match them by storage.
-        params = {p.untyped_storage().data_ptr(): (n, p) for n, p in chunk.named_parameters()}
-        covered = dict.fromkeys(params, 0)
+        params, staged = {}, {}
+        for n, p in chunk.named_parameters():
+            if _is_quantized(p):
+                staged[id(p)] = (n, p, torch.empty(p.shape, dtype=p.dtype, device=p.device))
+            else:
+                params[p.untyped_storage().data_ptr()] = (n, p)
+        covered = dict.fromkeys([*params, *staged], 0)
         for item in nested_values(chunk.sharded_state_dict()):
+            stage = staged.get(id(getattr(item, "data", None)))
+            if stage is not None:
+                item = replace(item, data=stage[2])
             shards = [item]
             if isinstance(item, ShardedTensorFactory):
                 shards = list(nested_values(item.build()))
             for sh in shards:
                 if not isinstance(sh, ShardedTensor) or sh.data is None:
                     continue
-                owner = sh.data.untyped_storage().data_ptr()
-                if owner not in params:
-                    continue  # a buffer, not a parameter
+                if stage is not None:
+                    owner = id(stage[1])
+                elif _is_quantized(sh.data):
+                    continue  # a view of a quantized parameter: reported as uncovered below
+                else:
+                    owner = sh.data.untyped_storage().data_ptr()
+                    if owner not in params:
+                        continue  # a buffer, not a parameter
                 _fill_shard(sh, seed, std, num_layers)
                 covered[owner] += sh.data.numel()
-        missing = [params[ptr][0] for ptr, n in covered.items() if n < params[ptr][1].numel()]
+        everything = {**params, **{k: (n, p) for k, (n, p, _) in staged.items()}}
+        missing = [everything[k][0] for k, n in covered.items() if n < everything[k][1].numel()]
         if missing:
             raise RuntimeError(f"parameters without an initialisation rule: {missing}")
+        with torch.no_grad():
+            for _, p, values in staged.values():
+                p.copy_(values)  # TE quantises the whole tensor with one scale
+                get_init = getattr(p, "get_high_precision_init_val", None)
+                initial = get_init() if get_init is not None else None
+                if initial is not None:
+                    initial.copy_(values)
