@@ -1,9 +1,18 @@
-"""Shared test setup: the CPU compatibility layer goes in before anything imports megatron-core,
-so the forked multi-rank workers (tests/helpers/spawn.py) inherit it."""
+"""Shared test setup: which device the session runs on, and the CPU compatibility layer.
+
+``pytest`` (any selection that is not only GPU tests) runs on CPU with gloo and megatron-core's
+local layer spec, even on a GPU node: ``LLMJP_DEVICE=cpu`` is set and the CPU layer installed
+before anything imports megatron-core, so the forked multi-rank workers (tests/helpers/spawn.py)
+inherit it, and nothing asks CUDA anything before they fork. ``pytest -m gpu`` runs only the
+GPU tests (tests/gpu) with ``LLMJP_DEVICE=cuda``; they are skipped without CUDA.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,17 +20,57 @@ import torch
 
 from megatron_llmjp.parallel import cpu_compat
 
-cpu_compat.install()
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+_GPU_RUN = pytest.StashKey[bool]()
+
+
+def selects_only_gpu_tests(markexpr: str) -> bool:
+    """Whether the ``-m`` expression keeps a test marked only ``gpu`` and drops an unmarked
+    one: True for ``gpu`` or ``gpu and not slow``; False for ``not slow``, ``gpu or not gpu``,
+    an empty or an unparsable expression."""
+    if not markexpr.strip():
+        return False
+
+    def evaluate(true: set[str]) -> bool:
+        words = []
+        for token in re.findall(r"[()]|[^\s()]+", markexpr):
+            if token in ("(", ")", "and", "or", "not"):
+                words.append(token)
+            else:
+                words.append(str(token in true))
+        return bool(eval(" ".join(words), {"__builtins__": {}}, {}))  # only True/False/ops
+
+    try:
+        return evaluate({"gpu"}) and not evaluate(set())
+    except (SyntaxError, TypeError):
+        return False
+
+
+def pytest_configure(config):
+    gpu_run = selects_only_gpu_tests(config.getoption("markexpr") or "")
+    os.environ[cpu_compat.DEVICE_ENV] = "cuda" if gpu_run else "cpu"
+    config.stash[_GPU_RUN] = gpu_run
+    if not gpu_run:
+        # Installing imports megatron-core, whose import-time deprecation notices would print
+        # outside pytest's warning capture (the filters installed here last as long as they
+        # did when this ran at conftest import, inside that capture).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cpu_compat.install()
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if not config.stash[_GPU_RUN]:
+        skip = pytest.mark.skip(reason="GPU test: run the GPU tests alone with `pytest -m gpu`")
+    elif not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (a GPU machine with Transformer Engine)")
+    else:
         return
-    skip = pytest.mark.skip(reason="needs CUDA (a GPU machine with Transformer Engine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

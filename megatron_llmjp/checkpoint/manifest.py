@@ -135,6 +135,28 @@ def parallel_section(layout: Layout) -> dict:
     return asdict(layout)
 
 
+LAYER_SPECS = ("local", "transformer_engine")
+"""megatron-core layer specs a model is built with (``models.build.layer_spec``)."""
+
+
+def writer_section(cfg: RunConfig, *, from_model: bool = True) -> dict:
+    """Where the tensors were written: ``device`` ("cpu" or "cuda", ``cpu_compat.device_type``)
+    and ``layer_spec`` ("local" or "transformer_engine", as ``models.build`` chose for ``cfg``).
+
+    RNG states restore only on the same device type; a load accepts the other spec's
+    ``_extra_state`` entries (Transformer Engine layers store one per module, the local spec
+    none). ``from_model=False``: tensors written without building a model (conversion,
+    upcycling): device "cpu", layer_spec None."""
+    from megatron_llmjp.parallel import cpu_compat
+
+    if not from_model:
+        return {"device": "cpu", "layer_spec": None}
+    from megatron_llmjp.models.build import use_transformer_engine
+
+    spec = "transformer_engine" if use_transformer_engine(cfg) else "local"
+    return {"device": cpu_compat.device_type(), "layer_spec": spec}
+
+
 def build_manifest(
     cfg: RunConfig,
     layout: Layout,
@@ -143,7 +165,11 @@ def build_manifest(
     *,
     optimizer_saved: bool,
     experts_layout: str,
+    from_model: bool = True,
 ) -> dict:
+    """The manifest of a checkpoint of ``cfg`` saved with ``layout``: ``progress`` counters,
+    ``files`` (name -> bytes), the writer's device and layer spec (``writer_section``;
+    ``from_model=False`` for tensors written without a model)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -152,6 +178,7 @@ def build_manifest(
         **progress,
         "model": model_section(cfg.model, layout.tp, experts_layout),
         "parallel": parallel_section(layout),
+        **writer_section(cfg, from_model=from_model),
         "precision": {"params_dtype": cfg.precision.dtype, "master_weights": "fp32"},
         "optimizer": {
             "saved": optimizer_saved,

@@ -25,6 +25,7 @@ from megatron_llmjp.checkpoint.manifest import (
     describe_checkpoint,
     parallel_section,
     write_manifest,
+    writer_section,
 )
 from megatron_llmjp.checkpoint.store import CheckpointError
 from megatron_llmjp.config.loader import dump_yaml, to_dict
@@ -314,7 +315,11 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         saved.get(k) == v for k, v in parallel_section(layout).items() if k != "sequence_parallel"
     )
     # Megatron-LM's RNG states are its own objects: a resumed run starts fresh RNG streams.
-    with_rng = plan.full and same_layout and not plan.megatron_lm
+    # CPU and CUDA generator states differ in kind: restored on the device type that wrote them.
+    writer = _writer_of(plan.manifest)
+    here = writer_section(cfg)
+    same_device = writer["device"] in (None, here["device"])
+    with_rng = plan.full and same_layout and same_device and not plan.megatron_lm
     own_optimizer = plan.full and not plan.megatron_lm
     if own_optimizer:
         torch_adam.prepare_for_load(optimizer)
@@ -353,9 +358,12 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         error = None
     except (Exception, CheckpointException) as e:  # re-raised below on every rank
         loaded, absent, error = None, set(), e
-    # Converted and upcycled checkpoints hold weights only: no layer ``_extra_state`` (FP8
-    # scaling state, empty without FP8), which the layers then keep at their initial value.
-    absent = {k for k in absent if not (_is_extra_state(k) and not plan.full)}
+    # Converted and upcycled checkpoints hold weights only, and the local spec's layers store
+    # no ``_extra_state`` (Transformer Engine's FP8 scaling state, empty without FP8): the
+    # layers then keep their initial value. (The other way round, a Transformer Engine
+    # checkpoint's entries are stored but not requested by local layers, and not loaded.)
+    spec_changed = writer["layer_spec"] not in (None, here["layer_spec"])
+    absent = {k for k in absent if not (_is_extra_state(k) and (spec_changed or not plan.full))}
     if _agree(error is not None or bool(absent)):
         if error is not None:
             raise CheckpointError(f"{directory}: loading failed: {error}") from error
@@ -391,7 +399,19 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         progress = Progress()
     if with_rng:
         _restore_rng(loaded["rng_state"])
+    elif plan.full and not plan.megatron_lm:
+        from megatron_llmjp.parallel.dist import seed_everything
+
+        seed_everything(cfg.train.seed)
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        if plan.full and not plan.megatron_lm and not with_rng:
+            saved_on = f"{writer['device']} with {_describe(plan.manifest)}"
+            print(
+                f"[llmjp] RNG re-seeded with train.seed={cfg.train.seed}: the checkpoint's RNG "
+                f"states were saved on {saved_on}, this run is on {here['device']} with "
+                f"{_describe({'parallel': parallel_section(layout)})}",
+                flush=True,
+            )
         what = "full state" if plan.full else "weights only"
         if plan.full and plan.megatron_lm:
             what = (
@@ -418,6 +438,12 @@ def _megatron_lm_progress(manifest: dict) -> Progress:
         consumed_samples=consumed,
         stage_consumed_samples=consumed,
     )
+
+
+def _writer_of(manifest: dict) -> dict:
+    """The manifest's device and layer spec (``manifest.writer_section``); None for a
+    checkpoint that does not record them (Megatron-LM's, and this package's before it did)."""
+    return {k: manifest.get(k) for k in ("device", "layer_spec")}
 
 
 def _is_extra_state(key: str) -> bool:
@@ -488,6 +514,7 @@ def finish_weights_checkpoint(root: Path, writer, cfg: RunConfig, layout: Layout
         store.file_sizes(directory),
         optimizer_saved=False,
         experts_layout="sequential" if cfg.model.is_moe else "none",
+        from_model=False,
     )
     manifest["source"] = source
     write_manifest(directory, manifest)

@@ -32,6 +32,12 @@ from megatron_llmjp.parallel.layout import smallest_layout
 # move in blocks of rows of about this size, so they are never held whole.
 BLOCK_BYTES = 64 * 2**20
 
+# Transforms whose Hugging Face tensors are consecutive blocks of rows of the megatron slice,
+# in the rule's order (SwiGLU ``linear_fc1`` = [gate; up]): each HF tensor is read from, or
+# written to, its rows of the checkpoint directly (one stored chunk each), with no
+# concatenation or split copy in memory. ``test_convert_io`` checks this against TRANSFORMS.
+ROW_SPLITS = frozenset({"gate_up"})
+
 
 @dataclass
 class Report:
@@ -136,6 +142,39 @@ def _row_blocks(shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[int, i
     row = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
     step = max(1, BLOCK_BYTES // max(row, 1))
     return [(a, min(shape[0], a + step)) for a in range(0, shape[0], step)]
+
+
+def _batches(work: list, nbytes, limit: int) -> list[list]:
+    """``work`` in order, cut into consecutive batches of at most ``limit`` bytes
+    (``nbytes(item)``); an item larger than ``limit`` is a batch of its own. One batch is one
+    read and one write call: memory holds two batches at most (one read, one being written)."""
+    out: list[list] = []
+    size = 0
+    for item in work:
+        n = nbytes(item)
+        if not out or (out[-1] and size + n > limit):
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
+
+
+def _row_ranges(rule: Rule, model: dict) -> list[tuple[int, int]] | None:
+    """For a ``ROW_SPLITS`` rule, the rows ``(start, stop)`` of the megatron slice that each
+    HF tensor is (in ``rule.hf`` order); None for other transforms."""
+    if rule.transform not in ROW_SPLITS:
+        return None
+    out, start = [], 0
+    for shape in _hf_shapes(rule, model, torch.float32):
+        out.append((start, start + shape[0]))
+        start += shape[0]
+    return out
+
+
+def _slice_bytes(rule: Rule, model: dict, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return torch.Size(_slice_shape(rule, model)).numel() * size
 
 
 def _slice_shape(rule: Rule, model: dict) -> tuple[int, ...]:
@@ -265,21 +304,20 @@ def mcore_to_hf(
                     if streamed:
                         _export_rows(rules_[0], model, keys, reader, writer, behind, bar, out_dtype)
                         continue
-                    requests = [(r, i) for r in rules_ for i in mappings.indices(r, model, layer)]
-                    tensors = reader.read_many([(keys[r.mcore], i) for r, i in requests])
-                    outputs = []
-                    for (r, index), t in zip(requests, tensors, strict=True):
-                        outs = TRANSFORMS[r.transform][0](t, dims)
-                        outputs += zip(mappings.hf_names(r, index), outs, strict=True)
-                    del tensors
+                    work = [(r, i) for r in rules_ for i in mappings.indices(r, model, layer)]
+                    for batch in _batches(
+                        work, lambda w: _slice_bytes(w[0], model, out_dtype), BLOCK_BYTES
+                    ):
+                        outputs = _export_batch(batch, model, keys, reader, dims)
 
-                    def write(outputs=outputs) -> None:
-                        for name, o in outputs:
-                            writer.write(name, o.to(out_dtype))
-                        bar.step(sum(o.numel() * o.element_size() for _, o in outputs), False)
+                        def write(outputs=outputs) -> None:
+                            for name, o in outputs:
+                                writer.write(name, o.to(out_dtype))
+                            nbytes = sum(o.numel() * o.element_size() for _, o in outputs)
+                            bar.step(nbytes, False)
 
-                    behind.submit(write)
-                    del outputs
+                        behind.submit(write)
+                        del outputs
                 behind.submit(lambda: bar.step(0))
         writer.close()
         if tokenizer is not None:
@@ -298,12 +336,39 @@ def mcore_to_hf(
         )
         result = None
         if parity:
+            from megatron_llmjp.parallel import cpu_compat
+
+            cpu_compat.force_cpu()  # the check runs on CPU, also on a GPU node
             from megatron_llmjp.convert.parity import check_parity
 
             result = check_parity(tmp, directory, text=parity_text, manifest=manifest)
     return Report(
         Path(output), len(entries), writer.total_bytes, time.perf_counter() - t0, result, notes
     )
+
+
+def _export_batch(batch, model, keys, reader, dims) -> list[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of a batch of (rule, index), read in one pass over the files. A
+    ``ROW_SPLITS`` rule's HF tensors are read as their rows of the stored slice."""
+    requests, plan = [], []
+    for r, index in batch:
+        names = mappings.hf_names(r, index)
+        ranges = _row_ranges(r, model)
+        if ranges is None:
+            plan.append((r, names, len(requests)))
+            requests.append((keys[r.mcore], index))
+        else:
+            plan.append((None, names, len(requests)))
+            requests += [(keys[r.mcore], index, rows) for rows in ranges]
+    tensors = reader.read_many(requests)
+    outputs = []
+    for r, names, at in plan:
+        if r is None:
+            outs = tensors[at : at + len(names)]
+        else:
+            outs = TRANSFORMS[r.transform][0](tensors[at], dims)
+        outputs += zip(names, outs, strict=True)
+    return outputs
 
 
 def _export_rows(rule, model, keys, reader, writer, behind, bar, dtype) -> None:
@@ -319,6 +384,22 @@ def _export_rows(rule, model, keys, reader, writer, behind, bar, dtype) -> None:
 
         behind.submit(write)
         del block
+
+
+def _import_batch(batch, model, reader, dims, dtype) -> list[tuple]:
+    """``TensorWriter.write`` slices of a batch of (rule, index). A ``ROW_SPLITS`` rule's HF
+    tensors become chunks of rows of the slice (no concatenation in memory)."""
+    slices = []
+    for r, index in batch:
+        names = mappings.hf_names(r, index)
+        ranges = _row_ranges(r, model)
+        if ranges is None:
+            merge = TRANSFORMS[r.transform][1]
+            slices.append((r.mcore, index, merge([reader.read(n).to(dtype) for n in names], dims)))
+        else:
+            for n, (start, _) in zip(names, ranges, strict=True):
+                slices.append((r.mcore, index, reader.read(n).to(dtype), start))
+    return slices
 
 
 def _import_rows(rule, model, reader, writer, behind, bar, dtype) -> None:
@@ -428,25 +509,26 @@ def hf_to_mcore(
                     if streamed:
                         _import_rows(rules_[0], model, reader, writer, behind, bar, out_dtype)
                         continue
-                    slices, nbytes = [], 0
-                    for r in rules_:
-                        merge = TRANSFORMS[r.transform][1]
-                        for index in mappings.indices(r, model, layer):
-                            names = mappings.hf_names(r, index)
-                            t = merge([reader.read(n).to(out_dtype) for n in names], dims)
-                            slices.append((r.mcore, index, t))
-                            nbytes += t.numel() * t.element_size()
+                    work = [(r, i) for r in rules_ for i in mappings.indices(r, model, layer)]
+                    for batch in _batches(
+                        work, lambda w: _slice_bytes(w[0], model, out_dtype), BLOCK_BYTES
+                    ):
+                        slices = _import_batch(batch, model, reader, dims, out_dtype)
+                        nbytes = sum(t.numel() * t.element_size() for _, _, t, *_ in slices)
 
-                    def write(slices=slices, nbytes=nbytes) -> None:
-                        writer.write(slices)
-                        bar.step(nbytes, False)
+                        def write(slices=slices, nbytes=nbytes) -> None:
+                            writer.write(slices)
+                            bar.step(nbytes, False)
 
-                    behind.submit(write)
-                    del slices
+                        behind.submit(write)
+                        del slices
                 behind.submit(lambda: bar.step(0))
         finish_weights_checkpoint(tmp, writer, cfg, layout, {"hf_directory": str(src.resolve())})
         result = None
         if parity:
+            from megatron_llmjp.parallel import cpu_compat
+
+            cpu_compat.force_cpu()  # the check runs on CPU, also on a GPU node
             from megatron_llmjp.convert.parity import check_parity
 
             result = check_parity(src, ckpt, text=parity_text)

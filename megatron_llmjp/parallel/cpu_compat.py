@@ -1,8 +1,14 @@
 """CPU compatibility layer: lets megatron-core (0.16.x) run on CPU processes with gloo.
 
-This is the only module that knows megatron-core was written for CUDA. ``install()`` is a no-op
-when CUDA is available; otherwise it must run before megatron-core modules are imported
-(megatron decorates functions with ``torch.compile`` at import time). What it changes, and why:
+This is the only module that knows megatron-core was written for CUDA, and the one place that
+decides the device: ``device_type()`` reads ``LLMJP_DEVICE`` (``cpu`` or ``cuda``; unset:
+``cuda`` when torch sees a GPU). ``install()`` is a no-op on ``cuda``; on ``cpu`` it must run
+before megatron-core modules are imported (megatron decorates functions with ``torch.compile``
+at import time). On ``cpu`` nothing here asks CUDA anything: ``torch.cuda.is_available()`` and
+``device_count()`` create no CUDA context but do initialise the driver and mark the process so
+that CUDA fails in any child it forks (torch documents ``PYTORCH_NVML_BASED_CUDA_CHECK`` to
+avoid that), so a CPU run on a GPU node must not call them before forking its ranks. What the
+layer changes, and why:
 
 * A ``TorchFunctionMode`` maps ``device="cuda"``, ``"cuda:N"`` and integer device arguments,
   ``Tensor.cuda()``, ``Tensor.to("cuda")`` and ``pin_memory`` to CPU, and reports CPU tensor
@@ -16,6 +22,9 @@ when CUDA is available; otherwise it must run before megatron-core modules are i
 * gloo: ``all_to_all_single`` needs split sizes as lists; ``all_gather`` needs equal sizes
   (megatron's MoE token gather with TP > 1 is uneven: pad to the largest, then trim).
 * ``torch.compile`` is disabled: on CPU it would compile with gcc in every process.
+* ``torch.cuda.is_available()`` answers False and ``device_count()`` 0, and
+  ``CUDA_VISIBLE_DEVICES`` is emptied for child processes: on a GPU node every CUDA branch in
+  megatron-core, torch and this package takes its CPU side, and nothing reaches a GPU.
 """
 
 from __future__ import annotations
@@ -24,10 +33,17 @@ import contextlib
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_llmjp.config.errors import ConfigError
+
+DEVICE_ENV = "LLMJP_DEVICE"
+"""Environment variable choosing the device: ``cpu`` (gloo, megatron-core's local layer spec)
+or ``cuda`` (NCCL, Transformer Engine when installed); unset: ``cuda`` when torch sees a GPU."""
+DEVICES = ("cpu", "cuda")
 
 _INSTALLED = False
 _MODE: _CpuDeviceMode | None = None
@@ -241,13 +257,67 @@ def _patch_megatron() -> None:
         moe_utils.te_general_gemm = None
 
 
+def device_type() -> Literal["cpu", "cuda"]:
+    """The device this process computes on: ``LLMJP_DEVICE`` when set, else ``cuda`` when
+    torch sees a GPU (that query marks the process as using CUDA, see the module docstring).
+
+    Once the CPU layer is installed the answer is ``cpu``. ``cuda`` is not checked against the
+    machine here (``parallel.dist.init_distributed`` refuses it without a GPU).
+
+    Raises:
+        ConfigError: ``LLMJP_DEVICE`` is set to something other than ``cpu`` or ``cuda``.
+    """
+    if _INSTALLED:
+        return "cpu"
+    value = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if value in DEVICES:
+        return value  # type: ignore[return-value]
+    if value:
+        raise ConfigError(
+            f"{DEVICE_ENV}={os.environ[DEVICE_ENV]!r}: expected 'cpu' or 'cuda' (or unset: "
+            "cuda when a GPU is visible)"
+        )
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def force_cpu() -> None:
+    """Compute on CPU in this process whatever ``LLMJP_DEVICE`` says (conversion and other
+    model checks outside training), and install the layer.
+
+    Raises:
+        ConfigError: CUDA is already initialised in this process (the layer replaces
+            ``torch.cuda`` functions that live CUDA code would then miss); run the check in a
+            process of its own.
+    """
+    if _INSTALLED:
+        return
+    if torch.cuda.is_initialized():  # reads a flag; initialises nothing
+        raise ConfigError(
+            "a CPU model check was started in a process that already uses CUDA; run it in a "
+            f"process of its own (or with {DEVICE_ENV}=cpu)"
+        )
+    os.environ[DEVICE_ENV] = "cpu"
+    install()
+
+
+def _hide_gpus() -> None:
+    """CPU mode answers "no GPU" in this process and in the processes it starts."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = lambda: False
+    torch.cuda.device_count = lambda: 0
+
+
 def install() -> bool:
-    """Activate the layer when CUDA is absent. Returns True when it is (or already was) active."""
+    """Activate the layer when ``device_type()`` is ``cpu``. Returns True when it is (or
+    already was) active. Raises ``ConfigError`` for a bad ``LLMJP_DEVICE``."""
     global _INSTALLED, _MODE
-    if torch.cuda.is_available():
-        return False
     if _INSTALLED:
         return True
+    if device_type() == "cuda":
+        return False
+    # The decision holds for ranks and writer processes started from here on.
+    os.environ[DEVICE_ENV] = "cpu"
+    _hide_gpus()
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     # Expected on CPU, once per process and rank: not worth a screenful each.
     for message in (

@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch
 
 from megatron_llmjp.config.loader import ConfigError
+from megatron_llmjp.parallel import cpu_compat
 from megatron_llmjp.parallel.layout import Layout
 
 
@@ -70,10 +71,21 @@ def discover_ranks(env: dict | None = None) -> RankInfo:
 
 
 def init_distributed(info: RankInfo, layout: Layout, timeout_minutes: float) -> None:
-    """Create the default process group (NCCL on GPU, gloo on CPU) and megatron's groups."""
+    """Create the default process group (NCCL on GPU, gloo on CPU; ``cpu_compat.device_type``
+    decides) and megatron's groups.
+
+    Raises:
+        ConfigError: ``LLMJP_DEVICE=cuda`` where torch sees no GPU (before any process group).
+    """
     from megatron.core import parallel_state as ps
 
-    cuda = torch.cuda.is_available()
+    cuda = cpu_compat.device_type() == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{cpu_compat.DEVICE_ENV}=cuda but torch sees no GPU on this machine (torch "
+            f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
+            f"); unset {cpu_compat.DEVICE_ENV} or set it to cpu"
+        )
     if cuda:
         # megatron-core's TP/SP communication overlap relies on one hardware queue keeping
         # kernels in issue order; it must be set before the CUDA context exists.
@@ -193,8 +205,9 @@ def _free_port(addr: str) -> int:
 
 
 def local_device() -> int | str:
-    """This rank's device for tensors handed to collectives: its GPU, or "cpu" with gloo."""
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    """This rank's device for tensors handed to collectives and the model: its GPU index, or
+    "cpu" with gloo (``cpu_compat.device_type``; the CPU answer asks CUDA nothing)."""
+    return torch.cuda.current_device() if cpu_compat.device_type() == "cuda" else "cpu"
 
 
 def destroy_distributed() -> None:

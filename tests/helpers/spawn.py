@@ -41,6 +41,13 @@ def _child(fn, rank, world, port, args, queue) -> None:
 def start(fn: Callable[..., Any], world: int, *args: Any):
     """Fork ranks 0..world-1 running ``fn(*args)``; returns (processes, result queue), where
     each rank puts ``(rank, ok, value or traceback)``."""
+    import torch
+
+    if torch.cuda.is_initialized():  # a flag: asks the driver nothing
+        raise RuntimeError(
+            "CUDA is initialised in this process: forked ranks cannot use it. The multi-rank "
+            "tests run on CPU (LLMJP_DEVICE=cpu, set by tests/conftest.py unless `-m gpu`)"
+        )
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
