@@ -828,6 +828,8 @@ def streamed_parity(
     ``ParityError``). Raises ``ConversionError`` for a tensor missing, unread or misshapen on
     either side, before any process group exists where it can."""
     dev = parity_device(str(device))
+    if dev.type == "cpu" and torch.cuda.is_available():
+        return _streamed_in_cpu_process(hf_dir, ckpt_dir, tokens, manifest)
     hf = _HFStream(hf_dir, dev)
     tokens = tokens.to(dev)
     stages: list[dict] = []
@@ -873,3 +875,62 @@ def streamed_parity(
     )
     _print_logits(tokens, figures, "streamed")
     return result
+
+
+def _streamed_in_cpu_process(
+    hf_dir: Path, ckpt_dir: Path, tokens: torch.Tensor, manifest: dict | None
+) -> dict:
+    """:func:`streamed_parity` on CPU from a process that sees a GPU: run it in a child
+    process with ``CUDA_VISIBLE_DEVICES`` empty, where megatron-core builds its CPU (local)
+    layers and a gloo group exactly as on a CPU node. The child's figures come back as JSON;
+    its ``ConversionError``/``ParityError`` is raised here with the child's message."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llmjp-parity-") as tmp:
+        job = Path(tmp)
+        torch.save({"tokens": tokens.cpu(), "manifest": manifest}, job / "inputs.pt")
+        (job / "paths.json").write_text(json.dumps([str(hf_dir), str(ckpt_dir)]))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        cmd = [sys.executable, "-m", "megatron_llmjp.convert.parity", str(job)]
+        done = subprocess.run(cmd, env=env, cwd=str(REPO), check=False)
+        out = job / "result.json"
+        if not out.is_file():
+            raise ConversionError(
+                f"parity check: the CPU process ({' '.join(cmd)}) exited with status "
+                f"{done.returncode} and no result"
+            )
+        reply = json.loads(out.read_text(encoding="utf-8"))
+    if "error" in reply:
+        kind = ParityError if reply["error"] == "ParityError" else ConversionError
+        raise kind(reply["message"])
+    return reply["result"]
+
+
+def _child_main(job: Path) -> int:
+    """The child of :func:`_streamed_in_cpu_process`: ``job`` holds ``inputs.pt`` and
+    ``paths.json``; writes ``result.json`` (the figures, or the error's type and text)."""
+    import json
+
+    inputs = torch.load(job / "inputs.pt", weights_only=True)
+    hf_dir, ckpt_dir = json.loads((job / "paths.json").read_text(encoding="utf-8"))
+    try:
+        reply = {
+            "result": streamed_parity(
+                Path(hf_dir), Path(ckpt_dir), inputs["tokens"], inputs["manifest"], "cpu"
+            )
+        }
+    except ConversionError as e:
+        reply = {"error": type(e).__name__, "message": str(e)}
+    tmp = job / "result.json.tmp"
+    tmp.write_text(json.dumps(reply), encoding="utf-8")
+    tmp.replace(job / "result.json")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_child_main(Path(sys.argv[1])))
