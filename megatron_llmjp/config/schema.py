@@ -84,7 +84,10 @@ class ParallelConfig:
     (megatron-core then treats expert weights as dense ones, so they must be split like them)."""
     sequence_parallel: bool | None = None
     """Sequence parallelism over the TP group; None enables it whenever tp > 1."""
-    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    moe_token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
+    """megatron-core's ``moe_token_dispatcher_type``. ``flex`` is the DeepEP dispatcher
+    (``moe_flex_dispatcher_backend=deepep``): one fused all-to-all over the tp x ep ranks; it
+    needs the ``deep_ep`` package, a Hopper or newer GPU, tp * ep > 1 and FP32 routing."""
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     preflight: bool = False
@@ -161,23 +164,41 @@ class RecomputeConfig:
 
 @dataclass(kw_only=True)
 class PerformanceConfig:
-    """megatron-core's performance switches (mapped onto ``TransformerConfig`` and the DDP
-    config in ``megatron_llmjp/models/performance.py``). None means the default for the
-    device: what Megatron-LM uses for these models where Transformer Engine supports it on
-    GPU, off on CPU. Asking for a GPU-only switch on CPU is refused."""
+    """megatron-core's performance switches, mapped onto ``TransformerConfig`` in
+    ``megatron_llmjp/models/performance.py`` (checked in ``config/performance_checks.py``).
+    None means the device default: on a GPU with Transformer Engine what Megatron-LM uses for
+    these models where TE supports it, everything off on CPU. Asking for a CUDA-only switch
+    on CPU, or for one the machine's TE / apex / DeepEP cannot run, is refused before any
+    process group exists."""
 
     gradient_accumulation_fusion: bool | None = None
+    """Accumulate weight gradients into the FP32 ``main_grad`` inside the wgrad GEMM
+    (megatron-core's ``gradient_accumulation_fusion``). Default: on with TE when apex's
+    ``fused_weight_gradient_mlp_cuda`` is installed (the output layer needs it)."""
     cross_entropy_loss_fusion: bool | None = None
+    """megatron-core's fused vocab-parallel cross entropy (``cross_entropy_fusion_impl``
+    native). Default: on with TE."""
     moe_permute_fusion: bool | None = None
+    """TE's fused token permutation in the MoE dispatcher (TE >= 2.1). Default: on for MoE
+    models with TE."""
     moe_grouped_gemm: bool | None = None
+    """All local experts in one grouped GEMM (TE's ``GroupedLinear``). Default: on for MoE
+    models with TE; ``recompute.modules: [moe_act]`` needs it."""
     tp_comm_overlap: bool | None = None
+    """Overlap the tensor-parallel all-gathers/reduce-scatters with GEMMs through TE's
+    userbuffers (needs tp > 1, sequence parallelism, BF16). Default: off, as in Megatron-LM."""
     overlap_p2p_comm: bool | None = None
-    """p2p communication overlap of the interleaved pipeline schedule (needs vpp > 1)."""
+    """Overlap the pipeline's p2p sends/receives with compute in the interleaved schedule
+    (needs pp > 1 and vpp > 1; sets megatron-core's ``batch_p2p_comm`` false). Default: on
+    on GPU whenever the interleaved schedule is used, as in Megatron-LM."""
     attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] = "auto"
-    """megatron-core's ``AttnBackend``: ``auto`` lets Transformer Engine choose; CPU uses
-    ``local`` (megatron-core's unfused attention)."""
+    """megatron-core's ``AttnBackend``: ``auto`` lets Transformer Engine choose among flash,
+    fused and unfused attention on GPU and means ``local`` (megatron-core's own attention)
+    without TE; ``local`` is refused with TE's layers, the TE kernels without them."""
     manual_gc_interval: int = 0
-    """Run Python's garbage collector by hand every N steps (0: automatic GC)."""
+    """Disable Python's automatic garbage collector and collect by hand every N steps, on
+    every rank at the same step (Megatron-LM's ``--manual-gc``): no rank stalls in a
+    collection the others do not make. 0: automatic GC."""
 
 
 @dataclass(kw_only=True)

@@ -190,9 +190,11 @@ def _check_recompute(cfg: RunConfig) -> None:
 
 
 def _check_performance(cfg: RunConfig) -> None:
-    """Performance switches that the config alone decides (see ``PerformanceConfig``);
-    availability on this machine is checked before launch."""
-    _positive(cfg.performance.manual_gc_interval, "performance.manual_gc_interval", True)
+    """Performance switches that the config alone decides (``config/performance_checks.py``);
+    availability on this machine is checked before any process group exists."""
+    from megatron_llmjp.config.performance_checks import validate_performance
+
+    validate_performance(cfg)
 
 
 def _check_parallel(cfg: RunConfig) -> None:

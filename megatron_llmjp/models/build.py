@@ -47,8 +47,10 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def transformer_config(cfg: RunConfig, layout: Layout):
-    """Map our config onto megatron-core's ``TransformerConfig``."""
+def transformer_config(cfg: RunConfig, layout: Layout, env=None):
+    """Map our config onto megatron-core's ``TransformerConfig``. ``env``: a
+    ``PerformanceEnvironment`` describing another machine for the ``performance`` switches
+    (default: this one; see ``models/performance.py``)."""
     from megatron.core.transformer import TransformerConfig
 
     from megatron_llmjp.models.performance import performance_kwargs
@@ -109,15 +111,12 @@ def transformer_config(cfg: RunConfig, layout: Layout):
         apply_rope_fusion=te,
         masked_softmax_fusion=te,
         persist_layer_norm=False,
-        # gloo's batched isend/irecv pairs messages differently from NCCL's and corrupts the
-        # interleaved schedule; unbatched p2p is exact on both.
-        batch_p2p_comm=te,
         deallocate_pipeline_outputs=True,
         cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         **moe,
         **transformer_kwargs(cfg.precision),
         **recompute_kwargs(cfg),
-        **performance_kwargs(cfg, te),
+        **performance_kwargs(cfg, env),  # also batch_p2p_comm
     )
 
 
@@ -129,8 +128,12 @@ def layer_spec(cfg: RunConfig):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
+        from megatron_llmjp.models.performance import resolved_performance
+
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=m.num_experts, moe_grouped_gemm=m.is_moe, qk_layernorm=m.qk_layernorm
+            num_experts=m.num_experts,
+            moe_grouped_gemm=resolved_performance(cfg).moe_grouped_gemm,
+            qk_layernorm=m.qk_layernorm,
         )
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 

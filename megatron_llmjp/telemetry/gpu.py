@@ -37,6 +37,32 @@ METRICS = (
 """Keys of a sample (a key is missing when the GPU does not support that query)."""
 
 
+MEMORY_FIELDS = ("gpu_mem_max_allocated_gib", "gpu_mem_max_reserved_gib")
+"""Keys :func:`cuda_memory_fields` adds to a step's record: this rank's peak memory held by
+tensors (``torch.cuda.max_memory_allocated``) and reserved by torch's caching allocator
+(``torch.cuda.max_memory_reserved``) since the process started, in GiB (2**30 bytes)."""
+
+
+def memory_fields(max_allocated_bytes: int, max_reserved_bytes: int) -> dict[str, float]:
+    """The record fields for peak CUDA memory given in bytes, converted to GiB (2**30 bytes)
+    under the names of :data:`MEMORY_FIELDS`."""
+    return {
+        "gpu_mem_max_allocated_gib": max_allocated_bytes / 2**30,
+        "gpu_mem_max_reserved_gib": max_reserved_bytes / 2**30,
+    }
+
+
+def cuda_memory_fields() -> dict[str, float]:
+    """Peak CUDA memory of this rank's current device for the metrics record (see
+    :data:`MEMORY_FIELDS`); ``{}`` without CUDA, so CPU records carry no such fields. Local
+    to the rank: no collective."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return memory_fields(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+
+
 def _say(verbose: bool, text: str) -> None:
     if verbose:
         print(f"[llmjp] {text}", flush=True)

@@ -45,6 +45,9 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
     from megatron_llmjp.precision.recipes import check_precision_runtime
 
     check_precision_runtime(cfg.precision)
+    from megatron_llmjp.models.performance import check_performance_runtime
+
+    check_performance_runtime(cfg)
     if layout.cp > 1:
         from megatron_llmjp.models.build import use_transformer_engine
 
@@ -401,7 +404,11 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
     monitor = FaultMonitor.create(cfg.fault, info.rank, info.world_size)
     queue = None
     writer = None
+    perf = None
     try:
+        from megatron_llmjp.models.performance import PerformanceRuntime
+
+        perf = PerformanceRuntime.start(cfg, layout)  # TE userbuffers, manual GC
         if cfg.parallel.preflight:
             from megatron_llmjp.parallel.preflight import run_preflight
 
@@ -428,7 +435,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
                 tensorboard=cfg.logging.tensorboard,
                 wandb_run=open_wandb(cfg.logging, out, to_dict(cfg)),
             )
-        from megatron_llmjp.telemetry.gpu import TelemetryLogger
+        from megatron_llmjp.telemetry.gpu import TelemetryLogger, cuda_memory_fields
 
         telemetry = TelemetryLogger.create(  # every rank samples its GPU; one rank writes
             log_rank=info.world_size - 1,
@@ -492,6 +499,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
             log_now = (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.iters
             if log_now or stop:
                 record.update(telemetry.collect(step + 1))  # collective: every rank calls it
+                record.update(cuda_memory_fields())  # absent without CUDA
                 checkpoint_time = 0.0
             if writer and (log_now or stop):
                 writer.write(record)
@@ -501,6 +509,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
                 last_saved = progress.iteration
             if queue is not None:
                 queue.maybe_finalize_async_calls(blocking=False)
+            perf.after_step(step + 1)
             if stop:
                 result.stopped_by = monitor.signal_name or "a signal on another rank"
                 break
@@ -521,6 +530,8 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
         return result
     finally:
         monitor.restore_signal_handlers()
+        if perf is not None:
+            perf.close()
         if writer is not None:  # a failed run: its W&B run is marked failed
             writer.close(exit_code=1)
         if queue is not None:
