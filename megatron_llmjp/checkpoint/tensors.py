@@ -266,26 +266,36 @@ def preallocate(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
 
 
-def _preallocating_fs():
-    from torch.distributed.checkpoint.filesystem import FileSystem
+def sync_tree(directory: str | Path, threads: int = 4) -> int:
+    """Flush every file under ``directory`` and the directories themselves to the disk, once
+    each and several at a time (an ``fsync`` waits for the device; concurrent ones share its
+    queue). Call it once, after the last write and before publishing the directory by a
+    rename; files the kernel has already written back cost one metadata round trip each.
+    Returns the number of files synced. Raises ``OSError`` from a failing ``fsync``."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    class PreallocatingFileSystem(FileSystem):
-        """torch's file system for checkpoint writers, reserving ``expected`` bytes per file
-        (``TensorWriter.write`` trims each file to what was written)."""
+    root = Path(directory)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
 
-        expected = 0
+    def flush(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-        @contextmanager
-        def create_stream(self, path, mode):
-            with Path(path).open(mode) as stream:
-                if "w" in mode and self.expected > 0:
-                    preallocate(stream.fileno(), self.expected)
-                yield stream
-
-    return PreallocatingFileSystem()
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(flush, files))
+    for d in reversed(dirs):  # entries are durable once their directory is
+        flush(d)
+    return len(files)
 
 
 class _WritePlanner:
+    """The tensors of one write call by their ``MetadataIndex`` (the one method of a
+    ``SavePlanner`` that ``FileSystemWriter.write_data`` calls)."""
+
     def __init__(self, data: dict):
         self.data = data
 
@@ -293,29 +303,57 @@ class _WritePlanner:
         return self.data[write_item.index]
 
 
+@contextmanager
+def _no_record_crc32():
+    """``torch.save`` without the zip CRC-32 of each record (``set_crc32_options``, public):
+    ``torch.load`` does not check it, and computing it costs about as much as writing the
+    bytes to the page cache (measured here: 0.21 s against 0.10 s for 470 MB)."""
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    before = get_crc32_options()
+    set_crc32_options(False)
+    try:
+        yield
+    finally:
+        set_crc32_options(before)
+
+
 class TensorWriter:
-    """Writes a ``torch_dist`` checkpoint in groups of global slices (one file per group).
+    """Writes a ``torch_dist`` checkpoint in groups of global slices.
 
     ``declare`` every tensor (key, global shape, dtype) up front, ``write`` slices as they are
     produced, then ``finish``: it refuses a tensor that was not completely written, so a
-    checkpoint with holes cannot be produced."""
+    checkpoint with holes cannot be produced.
 
-    def __init__(self, directory: str | Path):
-        from torch.distributed.checkpoint import FileSystemWriter
+    Each ``write`` call is one save plan for torch's public ``FileSystemWriter``: its slices
+    are spread by size over ``threads`` files written concurrently (``thread_count``), named
+    as the files of one rank of a distributed save (``__N_M.distcp``, the prefix assigned by
+    ``prepare_global_plan``). Nothing is synced per file (``sync_files=False``): ``finish``
+    flushes the whole directory once (``sync_tree``), so the caller publishes it by a rename
+    afterwards (``store.staged_output`` / ``store.publish``)."""
 
+    def __init__(self, directory: str | Path, threads: int = 2):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Files are synced here after trimming (one fsync each), not by torch as well.
-        self._writer = FileSystemWriter(
-            str(self.directory), single_file_per_rank=True, sync_files=False
-        )
-        self._writer.fs = _preallocating_fs()
-        self._writer.set_up_storage_writer(True)
+        self.threads = max(1, int(threads))
         self._declared: dict[str, TensorInfo] = {}
         self._chunks: dict[str, list] = {}
         self._written: dict[str, int] = {}
         self._results: list = []
-        self._files = 0
+        self._plans = 0
+
+    def _storage_writer(self, threads: int):
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        writer = FileSystemWriter(
+            str(self.directory),
+            single_file_per_rank=True,
+            sync_files=False,
+            thread_count=threads,
+            overwrite=True,
+        )
+        writer.set_up_storage_writer(True)
+        return writer
 
     def declare(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> None:
         if key in self._declared:
@@ -325,8 +363,9 @@ class TensorWriter:
         self._written[key] = 0
 
     def write(self, slices: Iterable[tuple]) -> None:
-        """Write ``(key, leading index, tensor)`` slices into one new file; a fourth element
-        ``row`` places a block of rows of the next axis at that offset."""
+        """Write ``(key, leading index, tensor)`` slices (one stored record each) into new
+        files; a fourth element ``row`` places a block of rows of the next axis at that
+        offset. Raises ``CheckpointError`` for an undeclared key, a wrong shape or dtype."""
         from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
         from torch.distributed.checkpoint.planner import (
             SavePlan,
@@ -354,6 +393,8 @@ class TensorWriter:
                 raise CheckpointError(f"{key}: dtype {tensor.dtype}, declared {info.dtype}")
             tensor = tensor.detach().to("cpu").contiguous().reshape(chunk.sizes)
             mi = MetadataIndex(key, chunk.offsets)
+            if mi in data:
+                raise CheckpointError(f"{key}{list(index)}: the same chunk twice in one write")
             items.append(
                 WriteItem(
                     index=mi,
@@ -366,32 +407,24 @@ class TensorWriter:
                 )
             )
             data[mi] = tensor
-            self._chunks[key].append(chunk)
-            self._written[key] += tensor.numel()
         if not items:
             return
-        from torch.distributed.checkpoint.filesystem import _StoragePrefix
-
-        # torch.save adds a few hundred bytes of zip records per tensor.
-        self._writer.fs.expected = sum(t.numel() * t.element_size() for t in data.values())
-        self._writer.fs.expected += 4096 * len(items)
-        plan = SavePlan(items, storage_data=_StoragePrefix(f"__{self._files}_"))
-        self._files += 1
-        results = self._writer.write_data(plan, _WritePlanner(data)).wait()
-        ends: dict[str, int] = {}
-        for r in results:
-            info = r.storage_data
-            ends[info.relative_path] = max(
-                ends.get(info.relative_path, 0), info.offset + info.length
-            )
-        for name, end in ends.items():  # drop the unused part of the reservation
-            with open(self.directory / name, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
+        writer = self._storage_writer(min(self.threads, len(items)))
+        # The file prefix a coordinator gives the plan of rank N: one "rank" per write call.
+        plans = writer.prepare_global_plan([SavePlan([])] * self._plans + [SavePlan(items)])
+        self._plans += 1
+        with _no_record_crc32():
+            results = writer.write_data(plans[-1], _WritePlanner(data)).wait()
+        for item in items:
+            key = item.index.fqn
+            self._chunks[key].append(item.tensor_data.chunk)
+            self._written[key] += int(item.tensor_data.chunk.sizes.numel())
         self._results.append(results)
 
     def finish(self, common: dict | None = None) -> None:
-        """Write the metadata files; every declared tensor must be complete."""
+        """Write the metadata files (``.metadata``, ``common.pt``, ``metadata.json``) and
+        flush the directory once; every declared tensor must be complete, else
+        ``CheckpointError`` names the incomplete ones."""
         from torch.distributed.checkpoint.metadata import (
             Metadata,
             TensorProperties,
@@ -417,9 +450,7 @@ class TensorWriter:
                 for k, i in self._declared.items()
             }
         )
-        self._writer.finish(md, self._results)
+        self._storage_writer(1).finish(md, self._results)
         torch.save(common or {}, self.directory / "common.pt")
         (self.directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
-        for name in (".metadata", "common.pt", "metadata.json"):
-            with open(self.directory / name, "rb") as f:
-                os.fsync(f.fileno())
+        sync_tree(self.directory)
