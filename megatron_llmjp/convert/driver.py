@@ -357,9 +357,9 @@ def mcore_to_hf(
         )
         result = None
         if parity:
+            from megatron_llmjp.convert.parity import check_parity
+            from megatron_llmjp.convert.parity import parity_device as device_of
             from megatron_llmjp.parallel import cpu_compat
-
-            from megatron_llmjp.convert.parity import check_parity, parity_device as device_of
 
             if device_of(parity_device).type == "cpu":
                 cpu_compat.force_cpu()  # the check runs on CPU, also on a GPU node
@@ -553,9 +553,9 @@ def hf_to_mcore(
         finish_weights_checkpoint(tmp, writer, cfg, layout, {"hf_directory": str(src.resolve())})
         result = None
         if parity:
+            from megatron_llmjp.convert.parity import check_parity
+            from megatron_llmjp.convert.parity import parity_device as device_of
             from megatron_llmjp.parallel import cpu_compat
-
-            from megatron_llmjp.convert.parity import check_parity, parity_device as device_of
 
             if device_of(parity_device).type == "cpu":
                 cpu_compat.force_cpu()  # the check runs on CPU, also on a GPU node
