@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import TextIO
 
@@ -73,14 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bf16", "fp32"])
     g.add_argument(
         "--recompute",
-        default="none",
-        help="activation recompute to try: none, selective, full, or a list (none,full)",
+        help="recompute.granularity values to try: none, selective, full, or a list "
+        "(none,full); default: the config's recompute section (none for a bare MODEL). full "
+        "is method uniform, 1 layer per checkpoint",
     )
     g.add_argument(
         "--recompute-modules",
-        default="core_attn",
-        help=f"modules for selective recompute, from {','.join(SELECTIVE_MODULES)} "
-        "(LLM-jp 332B: layernorm,moe_act)",
+        help=f"recompute.modules for selective, from {','.join(SELECTIVE_MODULES)} "
+        "(LLM-jp 332B: moe_act,layernorm); default: the config's, else core_attn",
     )
     s = p.add_argument_group("search space (default: all sensible values)")
     for dim in ("tp", "pp", "vpp", "cp", "ep", "etp"):
@@ -119,18 +120,31 @@ def _ints(text: str | None, name: str, allow_none: bool = False) -> tuple | None
     return tuple(dict.fromkeys(out))
 
 
-def _recompute(modes: str, modules: str) -> tuple[Recompute, ...]:
-    mods = tuple(x.strip() for x in modules.split(",") if x.strip())
-    unknown = [x for x in mods if x not in SELECTIVE_MODULES]
-    if unknown:
-        raise ConfigError(
-            f"--recompute-modules: unknown {unknown[0]!r}; known: {', '.join(SELECTIVE_MODULES)}"
-        )
+def _recompute(
+    modes: str | None, modules: str | None, cfg: RunConfig
+) -> tuple[Recompute, ...] | None:
+    """The recompute settings to search (None: the config's only), as ``recompute`` sections
+    of the run config; each is checked with the config's own rules, per layout, by the
+    search."""
+    if modes is None and modules is None:
+        return None
+    mods: tuple[str, ...] = tuple(cfg.recompute.modules or ())
+    if modules is not None:
+        mods = tuple(x.strip() for x in modules.split(",") if x.strip())
+        unknown = [x for x in mods if x not in SELECTIVE_MODULES]
+        if unknown:
+            raise ConfigError(
+                f"--recompute-modules: unknown {unknown[0]!r}; known: "
+                f"{', '.join(SELECTIVE_MODULES)}"
+            )
     out = []
-    for mode in (x.strip() for x in modes.split(",")):
+    for mode in (x.strip() for x in (modes or "selective").split(",")):
         if mode not in ("none", "selective", "full"):
             raise ConfigError(f"--recompute {mode!r}: expected none, selective or full")
-        out.append(Recompute(mode, mods) if mode == "selective" else Recompute(mode))
+        if mode == "full" and cfg.recompute.granularity == "full":
+            out.append(Recompute.from_config(cfg.recompute))
+        else:
+            out.append(Recompute(mode, mods))
     return tuple(dict.fromkeys(out))
 
 
@@ -183,7 +197,7 @@ def options(args: argparse.Namespace, cfg: RunConfig) -> PlanOptions:
         ep=_ints(args.ep, "ep"),
         etp=_ints(args.etp, "etp"),
         micro_batch_sizes=_ints(args.mbs, "mbs"),
-        recompute=_recompute(args.recompute, args.recompute_modules),
+        recompute=_recompute(args.recompute, args.recompute_modules, cfg),
     )
     cluster = Cluster(gpu=gpu, gpus_per_node=args.gpus_per_node, ib_gbps=args.ib_gbps, mfu=args.mfu)
     return PlanOptions(
@@ -203,7 +217,7 @@ def _header(cfg: RunConfig, opts: PlanOptions, result: PlanResult) -> list[str]:
     optim = "distributed optimizer" if cfg.optim.use_distributed_optimizer else "optimizer"
     ib = cl.ib / 1e9
     valid = len({(p.layout, p.micro_batch_size) for p in result.plans})
-    n_rc = len(opts.space.recompute)
+    n_rc = len(opts.space.recompute or (None,))
     plans = f" x {n_rc} recompute settings = {len(result.plans)} plans" if n_rc > 1 else ""
     fitting = len(result.fitting)
     return [
@@ -264,8 +278,10 @@ def print_table(
         )
     elif cp is not None:
         if cp.fits:
-            rank = next(i for i, p in enumerate(result.fitting, 1) if p.is_config_layout)
-            best = result.fitting[0].time.step
+            # its place among the fitting plans (it is one of them unless the search space
+            # given on the command line excludes its layout or recompute setting)
+            rank = 1 + sum(p.time.step < cp.time.step for p in result.fitting if p != cp)
+            best = min([cp, *result.fitting], key=lambda p: p.time.step).time.step
             print(
                 f"the config's layout ({cp.describe()}) fits and ranks {rank} of "
                 f"{len(result.fitting)}: {cp.time.step:.2f} s/step, "
@@ -280,6 +296,12 @@ def print_table(
             )
         if cp.fits and rows and cp not in rows[:top]:
             print(_row("cfg", cp), file=out)
+    if result.fitting:
+        print(
+            "apply the best with: "
+            + " ".join(f"--set {shlex.quote(o)}" for o in result.fitting[0].overrides()),
+            file=out,
+        )
 
 
 def as_json(

@@ -177,9 +177,24 @@ def _check_fault(cfg: RunConfig) -> None:
             )
 
 
+RECOMPUTE_MODULES: tuple[str, ...] = (
+    "core_attn",
+    "moe_act",
+    "layernorm",
+    "mla_up_proj",
+    "mlp",
+    "moe",
+    "shared_experts",
+)
+"""megatron-core 0.16.1's accepted ``recompute_modules`` (``TransformerConfig.__post_init__``)."""
+
+
 def _check_recompute(cfg: RunConfig) -> None:
-    """Activation recompute settings (see ``RecomputeConfig``)."""
-    r = cfg.recompute
+    """Activation recompute settings (see ``RecomputeConfig``): the constraints megatron-core
+    0.16.1's ``TransformerConfig`` enforces, checked first so the error names our field, plus
+    modules that would recompute nothing in these models. Backend-dependent checks (grouped
+    GEMM, Transformer Engine) are in ``models/recompute.py``."""
+    r, m, p = cfg.recompute, cfg.model, cfg.parallel
     if r.granularity != "full":
         for key in ("method", "num_layers"):
             if getattr(r, key) is not None:
@@ -187,6 +202,71 @@ def _check_recompute(cfg: RunConfig) -> None:
                     f"recompute.{key} applies to recompute.granularity=full only "
                     f"(got granularity={r.granularity})"
                 )
+    if r.granularity != "selective" and r.modules is not None:
+        raise ConfigError(
+            f"recompute.modules applies to recompute.granularity=selective only "
+            f"(got granularity={r.granularity}, modules={r.modules})"
+        )
+    if r.granularity == "selective" and r.modules is not None:
+        _check_recompute_modules(cfg, list(r.modules))
+    if r.granularity == "full":
+        if r.method is None or r.num_layers is None:
+            raise ConfigError(
+                "recompute.granularity=full needs recompute.method (uniform or block) and "
+                f"recompute.num_layers (got method={r.method}, num_layers={r.num_layers})"
+            )
+        chunks = p.pp * (p.vpp or 1)
+        if m.num_layers % chunks:
+            return  # the layout check names the indivisible layer count
+        per_chunk = m.num_layers // chunks
+        where = f"model.num_layers={m.num_layers} / (pp={p.pp} x vpp={p.vpp or 1})"
+        if not 1 <= r.num_layers <= per_chunk:
+            raise ConfigError(
+                f"recompute.num_layers={r.num_layers} must be in [1, {per_chunk}], the layers "
+                f"of one pipeline stage (chunk): {where}"
+            )
+        if r.method == "uniform" and per_chunk % r.num_layers:
+            # megatron-core's uniform method steps through a chunk's layers num_layers at a
+            # time and indexes past the last layer when they do not divide.
+            raise ConfigError(
+                f"recompute.method=uniform: recompute.num_layers={r.num_layers} must divide "
+                f"the {per_chunk} layers of a pipeline stage (chunk) ({where})"
+            )
+
+
+def _check_recompute_modules(cfg: RunConfig, modules: list[str]) -> None:
+    """Names megatron-core accepts and that recompute something in an LLM-jp-4 model."""
+    m, pr = cfg.model, cfg.precision
+    key = f"recompute.modules={modules}"
+    if not modules:
+        raise ConfigError(f"{key}: empty (use recompute.granularity=none to recompute nothing)")
+    for name in modules:
+        if not isinstance(name, str) or name not in RECOMPUTE_MODULES:
+            raise ConfigError(
+                f"{key}: unknown module {name!r}; megatron-core 0.16.1 accepts "
+                f"{', '.join(RECOMPUTE_MODULES)}"
+            )
+    if len(set(modules)) != len(modules):
+        raise ConfigError(f"{key}: a module is listed twice")
+    noop = {
+        "mla_up_proj": "the model has no multi-latent attention",
+        "shared_experts": "the model has no shared experts",
+    }
+    if m.is_moe:
+        noop["mlp"] = "it recomputes dense MLPs; every layer here is MoE (use moe_act or moe)"
+    else:
+        for name in ("moe", "moe_act"):
+            noop[name] = f"model {m.name} is dense (model.family=dense)"
+    for name in modules:
+        if name in noop:
+            raise ConfigError(f"{key}: {name} recomputes nothing here: {noop[name]}")
+    if pr.fp8 == "delayed" and pr.fp8_backend == "te":
+        bad = sorted({"moe_act", "layernorm"} & set(modules))
+        if bad:
+            raise ConfigError(
+                f"{key}: {', '.join(bad)} recompute does not work with precision.fp8=delayed "
+                "in megatron-core 0.16.1 (use another FP8 recipe, or drop them)"
+            )
 
 
 def _check_performance(cfg: RunConfig) -> None:

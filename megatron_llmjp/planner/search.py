@@ -14,7 +14,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from megatron_llmjp.config.errors import ConfigError
 from megatron_llmjp.config.schema import ParallelConfig, RunConfig
+from megatron_llmjp.config.validate import validate_static
 from megatron_llmjp.models.params import count_parameters
 from megatron_llmjp.parallel.layout import Layout, LayoutError, make_layout
 from megatron_llmjp.planner.activations import Recompute, activation_memory
@@ -40,7 +42,8 @@ class SearchSpace:
     etp: tuple[int, ...] | None = None
     micro_batch_sizes: tuple[int, ...] | None = None
     """None: the config's ``train.micro_batch_size`` only."""
-    recompute: tuple[Recompute, ...] = (Recompute(),)
+    recompute: tuple[Recompute, ...] | None = None
+    """None: the config's ``recompute`` section only."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,22 @@ class Plan:
             f"mbs={self.micro_batch_size} recompute={self.recompute.label()}"
         )
 
+    def overrides(self) -> list[str]:
+        """``--set`` overrides that give a run config this plan's layout, micro batch and
+        recompute (for ``llmjp-train``/``llmjp-launch``)."""
+        lay = self.layout
+        vpp = lay.vpp if lay.vpp else "null"
+        return [
+            f"parallel.tp={lay.tp}",
+            f"parallel.pp={lay.pp}",
+            f"parallel.vpp={vpp}",
+            f"parallel.cp={lay.cp}",
+            f"parallel.ep={lay.ep}",
+            f"parallel.etp={lay.etp}",
+            f"train.micro_batch_size={self.micro_batch_size}",
+            *self.recompute.overrides(),
+        ]
+
     def as_dict(self) -> dict:
         lay = self.layout
         return {
@@ -130,6 +149,13 @@ class Plan:
             "micro_batch_size": self.micro_batch_size,
             "num_microbatches": self.num_microbatches,
             "recompute": self.recompute.label(),
+            "recompute_config": {
+                "granularity": self.recompute.granularity,
+                "modules": list(self.recompute.modules) or None,
+                "method": self.recompute.method,
+                "num_layers": self.recompute.num_layers,
+            },
+            "overrides": self.overrides(),
             "fits": self.fits,
             "is_config_layout": self.is_config_layout,
             "memory_gib": {k: v / GiB for k, v in self.memory.terms().items()}
@@ -157,7 +183,8 @@ class PlanResult:
     memory."""
     candidates: int
     rejected: Counter
-    """Normalised ``LayoutError`` message -> how many candidates it rejected."""
+    """Normalised ``LayoutError`` (or recompute ``ConfigError``) message -> how many
+    candidates it rejected."""
     examples: dict[str, str]
     """Normalised message -> one real message."""
     config_plan: Plan | None = None
@@ -290,6 +317,8 @@ def search(cfg: RunConfig, opts: PlanOptions, config_layout: bool = True) -> Pla
     With ``config_layout`` the layout of ``cfg.parallel`` is marked (and estimated even when
     the search space excludes it); without, ``cfg.parallel`` only supplies the other settings."""
     mbs_list = opts.space.micro_batch_sizes or (cfg.train.micro_batch_size,)
+    config_rc = Recompute.from_config(cfg.recompute)
+    settings = opts.space.recompute or (config_rc,)
     rejected: Counter = Counter()
     examples: dict[str, str] = {}
     seen: set = set()
@@ -316,9 +345,22 @@ def search(cfg: RunConfig, opts: PlanOptions, config_layout: bool = True) -> Pla
             if (lay, mbs) in seen:
                 continue
             seen.add((lay, mbs))
-            for rc in opts.space.recompute:
+            for rc in settings:
+                try:  # the trainer's own check of the recompute section, for this layout
+                    validate_static(
+                        replace(cfg, parallel=par, recompute=rc.to_config()), uses=["recompute"]
+                    )
+                except ConfigError as e:
+                    key = _normalise(str(e))
+                    rejected[key] += 1
+                    examples.setdefault(key, str(e))
+                    continue
                 plan = evaluate(replace(cfg, train=train), lay, mbs, rc, opts)
-                is_config = _layout_key(lay) == config_key and mbs == cfg.train.micro_batch_size
+                is_config = (
+                    _layout_key(lay) == config_key
+                    and mbs == cfg.train.micro_batch_size
+                    and rc == config_rc
+                )
                 plans.append(replace(plan, is_config_layout=is_config))
     plans.sort(key=lambda p: (not p.fits, p.time.step if p.fits else p.memory.total))
     config_plan = None
@@ -329,7 +371,7 @@ def search(cfg: RunConfig, opts: PlanOptions, config_layout: bool = True) -> Pla
         else:  # outside the search space given on the command line: estimate it anyway
             lay = make_layout(cfg.parallel, cfg.model, cfg.train, opts.world)
             config_plan = replace(
-                evaluate(cfg, lay, cfg.train.micro_batch_size, opts.space.recompute[0], opts),
+                evaluate(cfg, lay, cfg.train.micro_batch_size, config_rc, opts),
                 is_config_layout=True,
             )
     return PlanResult(plans, n, rejected, examples, config_plan, config_error)
@@ -355,8 +397,8 @@ def _advice(term: str, cfg: RunConfig, plan: Plan) -> str:
         )
     if term in ("activations", "transient"):
         tips = ["a smaller micro batch (--mbs)", "more tp/cp/pp"]
-        if plan.recompute.mode != "full":
-            tips.insert(1, "--recompute selective or full")
+        if plan.recompute.granularity != "full":
+            tips.insert(1, "--recompute selective or full (recompute.granularity)")
         return ", ".join(tips)
     return "a smaller --overhead-gib if the software stack needs less"
 

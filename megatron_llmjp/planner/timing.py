@@ -171,9 +171,11 @@ def step_time(
     tokens = seq_length * micro_batch  # one microbatch of one pipeline
     f = token_flops(m, seq_length, tp)
     extra = 0.0
-    sel = set(recompute.modules) if recompute.mode == "selective" else set()
-    if recompute.mode == "full":
-        extra = f.layer / 3
+    sel = set(recompute.modules)
+    layers_per_chunk = m.num_layers // (pp * vpp)
+    # Fraction of the layers full recompute rebuilds (all but with method=block).
+    full = recompute.full_layers(layers_per_chunk) / layers_per_chunk if layers_per_chunk else 0
+    extra = full * f.layer / 3
     if "core_attn" in sel:
         extra += f.attention_fwd
     if ("mlp" in sel and not m.is_moe) or ("moe" in sel and m.is_moe):
@@ -184,19 +186,19 @@ def step_time(
     t_elementwise = 0.0
     if sel - {"core_attn", "mlp", "moe"}:
         kept = sum(layer_terms(m, layout, micro_batch, seq_length, a, recompute).values())
-        full = sum(layer_terms(m, layout, micro_batch, seq_length, a, Recompute()).values())
-        t_elementwise = 3 * (full - kept) / (cl.gpu.hbm_gbps * 1e9 * HBM_EFFICIENCY)
+        none = sum(layer_terms(m, layout, micro_batch, seq_length, a, Recompute()).values())
+        t_elementwise = 3 * (none - kept) / (cl.gpu.hbm_gbps * 1e9 * HBM_EFFICIENCY)
 
     # Communication of one layer for one microbatch.
     sp = layout.sequence_parallel
     hidden_bytes = tokens / cp * m.hidden_size * a
-    units = (5 if sp else 4) + (2 if recompute.mode == "full" else 0)
+    units = (5 if sp else 4) + 2 * full
     t_tp = units * _ring(hidden_bytes, tp, 1, cl)
     if m.is_moe:
         if etp > 1:
             t_tp += units * _ring(hidden_bytes * m.moe_router_topk, etp, 1, cl)
         a2a_bytes = hidden_bytes / (tp if sp else 1) * m.moe_router_topk
-        n_a2a = 4 + (2 if recompute.mode == "full" or "moe" in sel else 0)
+        n_a2a = 4 + (2 if "moe" in sel else 2 * full)
         t_ep = n_a2a * _all_to_all(a2a_bytes, ep, etp, cl)
     else:
         t_tp += units * _ring(hidden_bytes, tp, 1, cl)
@@ -206,7 +208,7 @@ def step_time(
     t_cp = 0.0
     if cp > 1:
         kv_bytes = tokens / cp * 2 * m.num_query_groups * m.kv_channels * a / tp
-        hops = 3 * (cp - 1) + ((cp - 1) if recompute.mode == "full" else 0)
+        hops = (3 + full) * (cp - 1)
         bw = cl.nvlink if tp * cp <= cl.gpus_per_node else cl.ib
         t_cp = hops * kv_bytes / (bw * COMM_EFFICIENCY)
     t_p2p = 0.0
