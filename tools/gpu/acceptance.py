@@ -10,7 +10,7 @@ part is killed with its process group and the next part starts):
 ==============  ======  =====================================================================
 part            budget  what
 ==============  ======  =====================================================================
-probe             20 s  GPU name, compute capability, memory; torch, CUDA, TE, megatron-core
+probe             30 s  GPU name, compute capability, memory; torch, CUDA, TE, megatron-core
 dense_8b         120 s  LLM-jp-4-8B shape (hidden 4096, FFN 14336, 32 heads, 8 KV groups) with
                         4 layers, sequence 4096, 8 x 4096 tokens a step, 6 steps: BF16, then
                         every FP8 recipe TE runs on this GPU (delayed, tensorwise, blockwise;
@@ -24,7 +24,7 @@ checkpoint        60 s  A tiny model trained 4 steps on the CPU (gloo, megatron-
                         spec; started in the background at the beginning), resumed on the GPU
                         (TE spec) for 4 more steps, and the GPU checkpoint exported with
                         ``llmjp-convert mcore-to-hf`` (its logits parity check included).
-gpu_tests        150 s  ``pytest -m gpu tests/gpu``: per-test outcome and duration.
+gpu_tests        140 s  ``pytest -m gpu tests/gpu``: per-test outcome and duration.
 ==============  ======  =====================================================================
 
 The budgets add up to 480 s. Time a part leaves unused passes to the later parts: part ``i``
@@ -60,11 +60,11 @@ if str(REPO) not in sys.path:
 
 SCHEMA = "llmjp-gpu-acceptance/1"
 PART_BUDGETS_S: dict[str, float] = {
-    "probe": 20.0,
+    "probe": 30.0,
     "dense_8b": 120.0,
     "moe_32b_a3b": 130.0,
     "checkpoint": 60.0,
-    "gpu_tests": 150.0,
+    "gpu_tests": 140.0,
 }
 """Seconds per part on an H200 (sum 480); the order is the order they run in."""
 PARTS = tuple(p for p in PART_BUDGETS_S if p != "probe")
@@ -831,7 +831,9 @@ def run_all(args: argparse.Namespace) -> int:
     info = json.loads((work / "probe_result.json").read_text()) if rc == 0 else {}
     report["machine"] = info or {"error": probe.tail()}
     no_gpu = None
-    if not info.get("cuda_available"):
+    if not info:
+        no_gpu = "the probe failed (see machine.error)"
+    elif not info.get("cuda_available"):
         no_gpu = "no CUDA device (see machine)"
     elif not info.get("te_version") or not info.get("megatron-core"):
         no_gpu = "Transformer Engine or megatron-core missing: run tools/gpu/setup.sh"
