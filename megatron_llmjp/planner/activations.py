@@ -158,6 +158,9 @@ class ActivationMemory:
     group of layers): not kept across layers."""
     per_layer: int
     """Saved bytes of one layer for one microbatch (the mean over a pipeline chunk)."""
+    shared: int
+    """Saved bytes of one chunk-microbatch that belong to no single layer (full recompute:
+    RoPE's table, an input of every checkpoint)."""
     in_flight: float
     """Layer-microbatches held at the peak (layers per chunk x chunk-microbatches)."""
     terms: dict[str, int] = field(default_factory=dict)
@@ -298,15 +301,18 @@ def activation_memory(
         layer_input = act_bytes * m.hidden_size / sp * tokens
         group = recompute.num_layers if recompute.method == "uniform" else 1
         chunk = recomputed / group * layer_input + (layers_per_chunk - recomputed) * layer
+        # every checkpoint also saves RoPE's FP32 table (s x d), one tensor for the chunk
+        shared = 4 * seq_length / layout.cp * m.kv_channels
         transient = group * full_layer
         if recomputed == layers_per_chunk:
             terms = {"layer_input": layer_input / group}
     else:
         chunk = layers_per_chunk * layer
+        shared = 0.0
     per_layer = chunk / layers_per_chunk if layers_per_chunk else 0.0
     chunks = in_flight_chunks(layout, pp_rank, num_microbatches)
     in_flight = chunks * layers_per_chunk
-    saved = chunk * chunks
+    saved = (chunk + shared) * chunks
     if m.is_moe and layout.ep > 1:
         # The permuted tokens before the all-to-all and the combine output after it.
         pairs = m.moe_router_topk * imbalance * layout.etp / sp
@@ -323,6 +329,7 @@ def activation_memory(
         saved=int(saved),
         transient=int(transient),
         per_layer=int(per_layer),
+        shared=int(shared),
         in_flight=in_flight,
         terms={k: int(v) for k, v in terms.items()},
     )
