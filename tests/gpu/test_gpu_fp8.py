@@ -125,9 +125,10 @@ def test_fp8_parameters_get_the_bf16_initial_weights(single_rank, recipe):
         if not fp8:
             assert torch.equal(value, want), name
             continue
-        # e4m3 keeps 3 mantissa bits: at most 1/16 relative rounding error for normal values;
+        # e4m3 keeps 3 mantissa bits: at most 1/16 relative rounding error per normal value
+        # (current and block scaling map the amax to 448, so nearly all values are normal);
         # delayed scaling starts from scale 1, where values below 2**-6 are subnormal.
-        bound = 0.2 if recipe == "delayed" else 0.05
+        bound = 0.2 if recipe == "delayed" else 1 / 16
         rel = (value - want).norm() / want.norm()
         assert rel < bound, (name, float(rel))
         if initial is not None:
