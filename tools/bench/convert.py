@@ -2,18 +2,20 @@
 
 Writes a random-weight Hugging Face directory of an LLM-jp-4-8B shape narrowed to about 1B
 parameters (hidden 2048, FFN 7168, 16 heads / 8 KV heads of 128, the real 196,608 vocabulary,
-4 layers by default), then times, each in a fresh process (peak RSS from ``wait4``):
+4 layers by default), then, ``--runs`` times (3 by default), alternating, each command in a
+fresh process (peak RSS from GNU time) after an untimed ``sync``:
 
 * ``cp -r`` + ``sync`` of the HF directory (the baseline; GNU ``cp`` copies in the kernel),
 * ``llmjp-convert hf-to-mcore`` of it (TP2 x PP2 target),
 * ``cp -r`` + ``sync`` of the resulting checkpoint,
 * ``llmjp-convert mcore-to-hf`` of that checkpoint,
 
-and prints seconds, GB/s, peak RSS and the ratios to the copy (goal: conversion at most 1.5x
-the copy time, peak RSS under 25% of the checkpoint size). Parity is skipped for the timing
-(it loads both models; ``--parity`` times it separately).
+and prints every run, the medians, the ratios to the copy of the same round (goal: at most
+1.5x the copy time, peak RSS under 25% of the checkpoint size) and the machine it ran on
+(cores, load average before and after, free memory, file system). Parity is skipped for the
+timing (it loads both models; ``--parity`` times it separately, once).
 
-    .venv/bin/python tools/bench/convert.py [--layers 4] [--hidden 2048] [--dtype bf16]
+    .venv/bin/python tools/bench/convert.py [--runs 3] [--layers 4] [--hidden 2048] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -91,8 +93,38 @@ def size_of(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
+def machine(path: Path) -> str:
+    """Cores, load average, available memory and the file system holding ``path``."""
+    import os
+
+    meminfo = dict(
+        line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line
+    )
+    avail = int(meminfo.get("MemAvailable", "0 kB").split()[0]) / 2**20
+    total = int(meminfo.get("MemTotal", "0 kB").split()[0]) / 2**20
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    real = str(path.resolve())
+    best = max(
+        (m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
+        key=lambda m: len(m[1]),
+        default=["?", "?", "?", "?"],
+    )
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} cores, load average {load}, memory available {avail:.1f} of "
+        f"{total:.1f} GiB, {real} on {best[0]} ({best[2]}, {best[3]})"
+    )
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=3)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=7168)
@@ -103,44 +135,92 @@ def main() -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     root = Path(tempfile.mkdtemp(prefix="llmjp-bench-convert-", dir=args.workdir))
     convert = [sys.executable, "-m", "megatron_llmjp.cli.convert"]
+    names = ("cp -r hf + sync", "hf-to-mcore", "cp -r checkpoint + sync", "mcore-to-hf")
     try:
+        print(f"machine before: {machine(root)}", flush=True)
         model = _model(args)
         params = write_random_hf(root / "hf", model, dtype)
         gb = size_of(root / "hf") / 1e9
         print(f"model: {params / 1e9:.3f} B parameters, {gb:.2f} GB in {args.dtype}", flush=True)
-        rows = []
-        copy_hf = timed(["sh", "-c", f"cp -r {root / 'hf'} {root / 'hf.copy'} && sync"])
-        rows.append(("cp -r hf + sync", *copy_hf, gb))
-        to_mcore = timed(
-            [*convert, "hf-to-mcore", "--input", str(root / "hf"), "--output", str(root / "mc"),
-             "--set", "parallel.tp=2", "--set", "parallel.pp=2", "--skip-parity", "--no-progress"]
-        )  # fmt: skip
-        rows.append(("hf-to-mcore", *to_mcore, gb))
-        mc_gb = size_of(root / "mc") / 1e9
-        copy_mc = timed(["sh", "-c", f"cp -r {root / 'mc'} {root / 'mc.copy'} && sync"])
-        rows.append(("cp -r checkpoint + sync", *copy_mc, mc_gb))
-        to_hf = timed(
-            [*convert, "mcore-to-hf", "--input", str(root / "mc"), "--output",
-             str(root / "hf2"), "--skip-parity", "--no-progress"]
-        )  # fmt: skip
-        rows.append(("mcore-to-hf", *to_hf, mc_gb))
+        runs: list[dict[str, tuple[float, float, float]]] = []
+        for n in range(args.runs):
+            for d in ("hf.copy", "mc", "mc.copy", "hf2"):
+                shutil.rmtree(root / d, ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            row: dict[str, tuple[float, float, float]] = {}
+            row[names[0]] = (
+                *timed(["sh", "-c", f"cp -r {root / 'hf'} {root / 'hf.copy'} && sync"]),
+                gb,
+            )
+            subprocess.run(["sync"], check=True)
+            row[names[1]] = (*timed(
+                [*convert, "hf-to-mcore", "--input", str(root / "hf"), "--output",
+                 str(root / "mc"), "--set", "parallel.tp=2", "--set", "parallel.pp=2",
+                 "--skip-parity", "--no-progress"]
+            ), gb)  # fmt: skip
+            mc_gb = size_of(root / "mc") / 1e9
+            subprocess.run(["sync"], check=True)
+            row[names[2]] = (
+                *timed(["sh", "-c", f"cp -r {root / 'mc'} {root / 'mc.copy'} && sync"]),
+                mc_gb,
+            )
+            subprocess.run(["sync"], check=True)
+            row[names[3]] = (*timed(
+                [*convert, "mcore-to-hf", "--input", str(root / "mc"), "--output",
+                 str(root / "hf2"), "--skip-parity", "--no-progress"]
+            ), mc_gb)  # fmt: skip
+            runs.append(row)
+            print(
+                f"run {n + 1}: " + ", ".join(f"{k} {v[0]:.2f} s" for k, v in row.items()),
+                flush=True,
+            )
         if args.parity:
-            rows.append(
-                ("mcore-to-hf + parity", *timed(
-                    [*convert, "mcore-to-hf", "--input", str(root / "mc"), "--output",
-                     str(root / "hf3"), "--no-progress"]
-                ), mc_gb)
+            shutil.rmtree(root / "hf3", ignore_errors=True)
+            dt, rss = timed(
+                [*convert, "mcore-to-hf", "--input", str(root / "mc"), "--output",
+                 str(root / "hf3"), "--no-progress"]
             )  # fmt: skip
+            print(f"mcore-to-hf + parity: {dt:.2f} s, peak RSS {rss:.2f} GB")
         idle = timed([sys.executable, "-c", "import megatron_llmjp.convert.driver"])
-        print(f"\n{'step':<26}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}{'RSS/size':>10}")
-        for name, dt, rss, size in rows:
-            print(f"{name:<26}{dt:>9.2f}{size / dt:>8.2f}{rss:>13.2f}{rss / size:>10.1%}")
-        print(f"(python + imports alone: peak RSS {idle[1]:.2f} GB)")
         print(
-            f"\nratio to copy: hf-to-mcore {to_mcore[0] / copy_hf[0]:.2f}x, "
-            f"mcore-to-hf {to_hf[0] / copy_mc[0]:.2f}x (goal <= 1.5x); peak RSS / checkpoint: "
-            f"mcore-to-hf {to_hf[1] / mc_gb:.1%}, hf-to-mcore {to_mcore[1] / gb:.1%} (goal < 25%)"
+            f"\n{'run':<5}{'step':<26}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}{'RSS/size':>10}"
         )
+        for n, row in enumerate(runs):
+            for name, (dt, rss, size) in row.items():
+                print(
+                    f"{n + 1:<5}{name:<26}{dt:>9.2f}{size / dt:>8.2f}{rss:>13.2f}"
+                    f"{rss / size:>10.1%}"
+                )
+        print(f"{'median':<31}" + "-" * 40)
+        for name in names:
+            dt = median([r[name][0] for r in runs])
+            rss = median([r[name][1] for r in runs])
+            size = runs[0][name][2]
+            print(f"{'':<5}{name:<26}{dt:>9.2f}{size / dt:>8.2f}{rss:>13.2f}{rss / size:>10.1%}")
+        print(f"(python + imports alone: peak RSS {idle[1]:.2f} GB)")
+        ratio = {
+            "hf-to-mcore": [r[names[1]][0] / r[names[0]][0] for r in runs],
+            "mcore-to-hf": [r[names[3]][0] / r[names[2]][0] for r in runs],
+        }
+        rss_share = {
+            "hf-to-mcore": max(r[names[1]][1] / r[names[1]][2] for r in runs),
+            "mcore-to-hf": max(r[names[3]][1] / r[names[3]][2] for r in runs),
+        }
+        print("\nratio to the copy of the same run (goal <= 1.5x):")
+        for k, v in ratio.items():
+            each = ", ".join(f"{x:.2f}x" for x in v)
+            med = median([r[k][0] for r in runs]) / median(
+                [r[names[0] if k == "hf-to-mcore" else names[2]][0] for r in runs]
+            )
+            print(
+                f"  {k}: median {median(v):.2f}x (runs {each}; "
+                f"median time / median copy {med:.2f}x)"
+            )
+        print(
+            "peak RSS / checkpoint, worst run (goal < 25%): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in rss_share.items())
+        )
+        print(f"machine after: {machine(root)}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
