@@ -455,7 +455,7 @@ class _MegatronStream:
         from megatron_llmjp.parallel.layout import make_layout
 
         if device.type == "cpu":
-            cpu_compat.install()
+            cpu_compat.force_cpu()  # megatron-core's CPU layers and gloo, also on a GPU node
         self.ckpt_dir = Path(ckpt_dir)
         b, s = tokens.shape
         overrides = [
@@ -893,7 +893,9 @@ def _streamed_in_cpu_process(
         job = Path(tmp)
         torch.save({"tokens": tokens.cpu(), "manifest": manifest}, job / "inputs.pt")
         (job / "paths.json").write_text(json.dumps([str(hf_dir), str(ckpt_dir)]))
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        from megatron_llmjp.parallel.cpu_compat import DEVICE_ENV
+
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", DEVICE_ENV: "cpu"}
         cmd = [sys.executable, "-m", "megatron_llmjp.convert.parity", str(job)]
         done = subprocess.run(cmd, env=env, cwd=str(REPO), check=False)
         out = job / "result.json"
