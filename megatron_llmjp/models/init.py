@@ -94,25 +94,27 @@ def initialize_weights(
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     for chunk in chunks:
-        params, staged = {}, {}
+        params, quantized = {}, {}
         for n, p in chunk.named_parameters():
             if _is_quantized(p):
-                staged[id(p)] = (n, p, torch.empty(p.shape, dtype=p.dtype, device=p.device))
+                quantized[id(p)] = (n, p)
             else:
                 params[p.untyped_storage().data_ptr()] = (n, p)
-        covered = dict.fromkeys([*params, *staged], 0)
+        covered = dict.fromkeys([*params, *quantized], 0)
         for item in nested_values(chunk.sharded_state_dict()):
-            stage = staged.get(id(getattr(item, "data", None)))
-            if stage is not None:
-                item = replace(item, data=stage[2])
+            target = quantized.get(id(getattr(item, "data", None)))
+            if target is not None:  # one item holds all of a quantized parameter's shards
+                p = target[1]
+                staging = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                item = replace(item, data=staging)
             shards = [item]
             if isinstance(item, ShardedTensorFactory):
                 shards = list(nested_values(item.build()))
             for sh in shards:
                 if not isinstance(sh, ShardedTensor) or sh.data is None:
                     continue
-                if stage is not None:
-                    owner = id(stage[1])
+                if target is not None:
+                    owner = id(target[1])
                 elif _is_quantized(sh.data):
                     continue  # a view of a quantized parameter: reported as uncovered below
                 else:
@@ -121,14 +123,20 @@ def initialize_weights(
                         continue  # a buffer, not a parameter
                 _fill_shard(sh, seed, std, num_layers)
                 covered[owner] += sh.data.numel()
-        everything = {**params, **{k: (n, p) for k, (n, p, _) in staged.items()}}
+            if target is not None:
+                _quantize_into(target[1], staging)
+        everything = {**params, **quantized}
         missing = [everything[k][0] for k, n in covered.items() if n < everything[k][1].numel()]
         if missing:
             raise RuntimeError(f"parameters without an initialisation rule: {missing}")
-        with torch.no_grad():
-            for _, p, values in staged.values():
-                p.copy_(values)  # TE quantises the whole tensor with one scale
-                get_init = getattr(p, "get_high_precision_init_val", None)
-                initial = get_init() if get_init is not None else None
-                if initial is not None:
-                    initial.copy_(values)
+
+
+@torch.no_grad()
+def _quantize_into(param: torch.Tensor, values: torch.Tensor) -> None:
+    """Quantise ``values`` into the quantized ``param`` (TE: one scale for the whole tensor),
+    and keep them as TE's high-precision initial value where ``fp8_model_init`` saved one."""
+    param.copy_(values)
+    get_init = getattr(param, "get_high_precision_init_val", None)
+    initial = get_init() if get_init is not None else None
+    if initial is not None:
+        initial.copy_(values)
