@@ -31,6 +31,13 @@ The budgets add up to 480 s. Time a part leaves unused passes to the later parts
 must end by ``start + sum(budgets[: i + 1])``, and inside a part each run gets an equal share of
 what is left, so the whole command never runs past ``--budget-s`` (default 480).
 
+A performance run passes when it trains with finite losses and an MFU in (0, 1); a BF16 run
+must also stay within the planner's estimate (its 3 GiB overhead allowance included), while for
+FP8 runs the ratio is reported only (the planner models BF16 weights). The checkpoint part
+passes when the GPU run continues at step 5 from the CPU checkpoint (weights, optimizer and
+iteration) and the export's parity check passes; should the resume fail, the CPU weights are
+loaded alone so that the export is still checked.
+
 The report (``--output``, written atomically) holds, per part, ``status`` (passed, failed,
 timeout, skipped, error), ``passed`` and the figures; it is also printed as a table. Exit
 status: 0 every part passed, 1 a part did not, 2 bad arguments.
