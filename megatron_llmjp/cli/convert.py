@@ -12,9 +12,12 @@ Any TP/PP/VPP/EP layout is read (tensors are stored globally), from this package
 or Megatron-LM's own torch_dist ones (model derived from ``common.pt``'s args; the true
 vocabulary from them, ``--vocab-size`` or ``--tokenizer``); the output of ``hf-to-mcore``
 loads into any layout with ``checkpoint.load=OUTPUT checkpoint.load_optimizer=false``. Both
-directions stream layer by layer, write under a temporary name, and compare the logits of the
-two models on real text before renaming it into place (``--skip-parity`` for models too large
-to run); with ``--tokenizer`` the check starts from text through the shipped tokenizer.
+directions stream layer by layer and write under a temporary name; before renaming it into
+place, the parity check runs megatron-core and transformers side by side on real text, also
+layer by layer (about one layer of each model in memory, so it scales to LLM-jp-4-332B-A31B),
+comparing the hidden states after every layer and the logits at the end, and names the first
+layer that disagrees. It runs in FP32 on CPU (``--parity-device cuda`` to use a GPU); with
+``--tokenizer`` it starts from text through the shipped tokenizer.
 Exit status: 0 done, 2 bad input (nothing written), 3 parity check failed, the shipped
 tokenizer included (nothing written).
 """
@@ -44,7 +47,14 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--input", required=True)
         s.add_argument("--output", required=True)
         s.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: input's)")
-        s.add_argument("--skip-parity", action="store_true", help="skip the logits check")
+        s.add_argument(
+            "--skip-parity", action="store_true", help="skip the check against the source model"
+        )
+        s.add_argument(
+            "--parity-device",
+            default="cpu",
+            help="device of the parity check: cpu (default, also on a GPU node) or cuda[:N]",
+        )
         s.add_argument("--force", action="store_true", help="replace an existing --output")
         s.add_argument("--no-progress", action="store_true")
         if name == "mcore-to-hf":
@@ -101,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_llmjp.convert.safetensors_io import parse_size
     from megatron_llmjp.convert.transforms import ParityError
 
+    if not args.skip_parity:
+        from megatron_llmjp.convert.parity import parity_device
+
+        try:
+            parity_device(args.parity_device)
+        except ConfigError as e:
+            print(f"{PROG}: error: --parity-device: {e}", file=sys.stderr)
+            return 2
     if args.skip_parity:
         print(
             f"{PROG}: warning: --skip-parity: the output is NOT checked against its source",
@@ -109,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(
         dtype=DTYPES.get(args.dtype),
         parity=not args.skip_parity,
+        parity_device=args.parity_device,
         force=args.force,
         progress=not args.no_progress,
     )

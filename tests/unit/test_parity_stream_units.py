@@ -112,3 +112,17 @@ def test_hf_names_are_accounted_for_as_transformers_loads_them(tmp_path):
     (small / "config.json").write_text(json.dumps({**cfg, "moe_intermediate_size": 24}))
     with pytest.raises(ConversionError, match=r"mlp.experts.gate_up_proj has shape \(4, 96, 64\)"):
         parity._HFStream(small, torch.device("cpu")).layer_forward(0, torch.zeros(1, 2, 64))
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_cli_refuses_a_parity_device_before_converting(device, tmp_path, capsys):
+    from megatron_llmjp.cli.convert import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["hf-to-mcore", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o")]
+    assert main([*argv, "--parity-device", device]) == 2
+    err = capsys.readouterr().err
+    # Refused for the device, not for the missing input: nothing else was looked at.
+    assert err.startswith(f"llmjp-convert: error: --parity-device: parity device '{device}'")
+    assert not (tmp_path / "o").exists()
