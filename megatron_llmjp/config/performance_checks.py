@@ -227,6 +227,14 @@ def resolve_performance(cfg: RunConfig, env: PerformanceEnvironment) -> Resolved
     overlap = p.overlap_p2p_comm
     if overlap is None:
         overlap = env.cuda and _interleaved(cfg)
+    elif overlap and not env.cuda:
+        # Measured: with gloo, the overlapped isend/irecv of the interleaved schedule deliver
+        # activations that change from run to run (the loss of step 1 differs), while the
+        # unbatched, non-overlapped exchange is exact.
+        raise ConfigError(
+            "performance.overlap_p2p_comm=true needs NCCL (a CUDA device): with gloo the "
+            "overlapped p2p of the interleaved schedule is not exact; leave it null on CPU"
+        )
 
     backend = p.attention_backend
     if backend == "auto":
@@ -260,8 +268,8 @@ def resolve_performance(cfg: RunConfig, env: PerformanceEnvironment) -> Resolved
             )
         if not env.deep_ep:
             raise ConfigError(
-                "parallel.moe_token_dispatcher=flex needs DeepEP (the deep_ep package), which is "
-                "not importable here: install it (see containers/llmjp.def) or use alltoall"
+                "parallel.moe_token_dispatcher=flex needs DeepEP (the deep_ep package, built "
+                "with NVSHMEM), which is not importable here: add it to the image or use alltoall"
             )
 
     return ResolvedPerformance(

@@ -90,6 +90,9 @@ def test_recipe_transformer_config_on_h200(name, monkeypatch):
     # from moe_utils and checks they are not None; without TE here, any callable stands in.
     for fn in TE_PERMUTE:
         monkeypatch.setattr(moe_utils, fn, lambda *a, **k: None, raising=False)
+    # Recompute is mapped and checked against this (CPU) machine by models/recompute.py; only
+    # the performance fields are under test here.
+    c.recompute = RecomputeConfig()
     world, expected = RECIPES[name]
     tcfg = transformer_config(c, make_layout(c.parallel, c.model, c.train, world), env=H200)
     for key, value in expected.items():
@@ -112,6 +115,7 @@ def test_recipe_on_cpu_resolves_off_or_is_refused(name, monkeypatch):
         cross_entropy_loss_fusion=None,
         moe_grouped_gemm=None,
         moe_permute_fusion=None,
+        overlap_p2p_comm=None,  # 332B: on GPU with vpp, off on CPU
     )
     c.recompute = RecomputeConfig()  # moe_act recompute needs grouped GEMM (GPU)
     if c.parallel.moe_token_dispatcher == "flex":
@@ -129,10 +133,7 @@ def test_recipe_on_cpu_resolves_off_or_is_refused(name, monkeypatch):
         r.batch_p2p_comm,
     )
     assert not any(switches), r
-    assert r.attention_backend == "local"
-    # overlap_p2p_comm left to the device default: off on CPU even with vpp (332B).
-    c.performance.overlap_p2p_comm = None
-    assert resolve_performance(c, CPU).overlap_p2p_comm is False
+    assert r.attention_backend == "local" and r.overlap_p2p_comm is False
 
 
 def test_cpu_defaults_reach_transformer_config():
@@ -226,6 +227,11 @@ REFUSALS = {
         dataclasses.replace(H200, te_version=None),
         r"tp_comm_overlap=true needs TE's userbuffers",
     ),
+    "p2p-overlap-on-cpu": (
+        ["parallel.pp=2", "parallel.vpp=2", "performance.overlap_p2p_comm=true"],
+        CPU,
+        r"overlap_p2p_comm=true needs NCCL \(a CUDA device\): with gloo",
+    ),
     "flash-on-cpu": (
         ["performance.attention_backend=flash"],
         CPU,
@@ -246,7 +252,7 @@ REFUSALS = {
     "flex-without-deepep": (
         ["model.name=llm-jp-4-tiny-moe", "parallel.ep=2", "parallel.moe_token_dispatcher=flex"],
         dataclasses.replace(H200, deep_ep=False),
-        r"moe_token_dispatcher=flex needs DeepEP \(the deep_ep package\)",
+        r"moe_token_dispatcher=flex needs DeepEP \(the deep_ep package, .* not importable here",
     ),
     "moe-act-without-grouped-gemm": (
         [
