@@ -122,14 +122,17 @@ class Recompute:
         )
 
     def overrides(self) -> list[str]:
-        """``--set`` overrides that put this setting into a run config, e.g.
-        ``["recompute.granularity=selective", "recompute.modules=[moe_act,layernorm]"]``."""
-        out = [f"recompute.granularity={self.granularity}"]
-        if self.granularity == "selective":
-            out.append(f"recompute.modules=[{','.join(self.modules)}]")
-        if self.granularity == "full":
-            out += [f"recompute.method={self.method}", f"recompute.num_layers={self.num_layers}"]
-        return out
+        """``--set`` overrides that put this setting into any run config, all four keys (a
+        key left from the config's own section could contradict it), e.g.
+        ``["recompute.granularity=selective", "recompute.modules=[moe_act,layernorm]",
+        "recompute.method=null", "recompute.num_layers=null"]``."""
+        modules = f"[{','.join(self.modules)}]" if self.granularity == "selective" else "null"
+        return [
+            f"recompute.granularity={self.granularity}",
+            f"recompute.modules={modules}",
+            f"recompute.method={self.method or 'null'}",
+            f"recompute.num_layers={self.num_layers or 'null'}",
+        ]
 
     def label(self) -> str:
         """Short form for tables: ``none``, ``sel:moe_act+ln``, ``full:u1``, ``full:b2``."""
