@@ -145,21 +145,30 @@ class PrecisionConfig:
 @dataclass(kw_only=True)
 class RecomputeConfig:
     """Activation recompute, megatron-core's ``recompute_*`` settings (mapped onto
-    ``TransformerConfig`` in ``megatron_llmjp/models/recompute.py``; the planner reads the
-    same fields)."""
+    ``TransformerConfig`` in ``megatron_llmjp/models/recompute.py``; ``llmjp-plan`` reads the
+    same fields and prints its suggestions as ``--set recompute.*`` overrides). Recompute
+    changes memory and step time, never the numbers: every setting trains bitwise like
+    ``none``."""
 
     granularity: Literal["none", "selective", "full"] = "none"
     """``selective``: recompute the submodules in ``modules``; ``full``: whole transformer
-    layers (``method`` and ``num_layers``)."""
+    layers (needs ``method`` and ``num_layers``; keeps only each checkpoint's input)."""
     modules: list[str] | None = None
-    """Selective recompute: megatron-core 0.16.1's ``recompute_modules`` names (``core_attn``,
-    ``mlp``, ``moe_act``, ``layernorm``, ``moe``, ``shared_experts``, ``mla_up_proj``). None:
-    megatron-core's default, ``[core_attn]``. LLM-jp-4 MoE runs use ``[moe_act, layernorm]``."""
+    """Selective recompute only: megatron-core 0.16.1's ``recompute_modules`` names
+    (``core_attn``, ``mlp``, ``moe_act``, ``layernorm``, ``moe``, ``shared_experts``,
+    ``mla_up_proj``), each listed once; None: megatron-core's default, ``[core_attn]``.
+    ``mlp`` is for dense models, ``moe``/``moe_act`` for MoE ones; LLM-jp-4 models have no
+    shared experts or MLA. ``layernorm`` and ``moe_act`` need Transformer Engine (GPU; on CPU
+    use ``core_attn``, ``mlp``, ``moe``); ``moe_act`` needs grouped GEMM, neither works with
+    FP8 delayed scaling, and with TE ``layernorm`` recomputes only the MoE pre-MLP norm (dense
+    norms are fused into the next linear). LLM-jp-4 332B uses ``[moe_act, layernorm]``."""
     method: Literal["uniform", "block"] | None = None
-    """Full recompute: ``uniform`` recomputes groups of ``num_layers`` layers; ``block`` the
-    first ``num_layers`` layers of each pipeline stage (chunk)."""
+    """Full recompute only: ``uniform`` recomputes groups of ``num_layers`` layers; ``block``
+    the first ``num_layers`` layers of each pipeline stage (chunk); the other layers keep
+    their activations."""
     num_layers: int | None = None
-    """Full recompute: layers per group (uniform) or per stage (block)."""
+    """Full recompute only: layers per group (uniform, must divide the layers of a pipeline
+    chunk, ``model.num_layers / (pp * vpp)``) or per chunk (block, at most that many)."""
 
 
 @dataclass(kw_only=True)
