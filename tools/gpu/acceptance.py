@@ -692,7 +692,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     """(part/run, status, figures) lines of the printed table."""
     rows = []
     for name, part in report["parts"].items():
-        rows.append((name, part["status"], f"{part.get('wall_s', '')}".strip()))
+        why = "" if part["passed"] else _last_line(part.get("detail", ""))
+        rows.append((name, part["status"], f"{part.get('wall_s', '?')} s {why}".rstrip()))
         for run in part.get("runs", []):
             f = run.get("figures") or {}
             est = (run.get("planner_estimate") or {}).get("without_overhead_bytes")
@@ -704,13 +705,20 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
                     f"{(est or 0) / 2**30:.1f} GiB"
                 )
             else:
-                text = run.get("reason") or (run.get("detail") or "")[-80:].replace("\n", " ")
+                text = run.get("reason") or _last_line(run.get("detail", ""))
             rows.append((f"  {run['name']}", run["status"], text))
         for step, s in part.get("steps", {}).items():
-            rows.append((f"  {step}", s["status"], f"{s.get('wall_s', '')} s"))
+            why = "" if s["passed"] else _last_line(s.get("detail", ""))
+            rows.append((f"  {step}", s["status"], f"{s.get('wall_s', '?')} s {why}".rstrip()))
         if "counts" in part:
             rows.append(("  tests", "", ", ".join(f"{v} {k}" for k, v in part["counts"].items())))
     return rows
+
+
+def _last_line(text: str, width: int = 100) -> str:
+    """The last non-empty line of a log tail, shortened for the table."""
+    lines = [x.strip() for x in (text or "").splitlines() if x.strip()]
+    return lines[-1][-width:] if lines else ""
 
 
 def format_table(report: dict) -> str:
