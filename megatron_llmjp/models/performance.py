@@ -10,7 +10,6 @@ Transformer Engine's userbuffers for ``tp_comm_overlap`` and the manual garbage 
 
 from __future__ import annotations
 
-import functools
 import gc
 
 from megatron_llmjp.config.performance_checks import (
@@ -30,14 +29,16 @@ __all__ = [
 ]
 
 
-@functools.cache
 def probe_environment() -> PerformanceEnvironment:
-    """This machine as the performance rules see it: CUDA and its compute capability,
-    Transformer Engine's version, DeepEP and apex's fused-wgrad kernel (each imported to be
-    sure it loads). Cached: the answer does not change within a process."""
+    """This process's machine as the performance rules see it: the device
+    (``parallel.cpu_compat.device_type``, so a CPU run asks CUDA nothing), and on CUDA the
+    compute capability, Transformer Engine's version, DeepEP and apex's fused-wgrad kernel
+    (each imported to be sure it loads)."""
     import torch
 
-    if not torch.cuda.is_available():
+    from megatron_llmjp.parallel import cpu_compat
+
+    if cpu_compat.device_type() != "cuda":
         return PerformanceEnvironment()
     try:
         import transformer_engine

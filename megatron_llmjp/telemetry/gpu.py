@@ -54,11 +54,12 @@ def memory_fields(max_allocated_bytes: int, max_reserved_bytes: int) -> dict[str
 
 def cuda_memory_fields() -> dict[str, float]:
     """Peak CUDA memory of this rank's current device for the metrics record (see
-    :data:`MEMORY_FIELDS`); ``{}`` without CUDA, so CPU records carry no such fields. Local
-    to the rank: no collective."""
+    :data:`MEMORY_FIELDS`); ``{}`` when this process has not initialised CUDA (a CPU run, which
+    this asks nothing of CUDA), so CPU records carry no such fields. Local to the rank: no
+    collective."""
     import torch
 
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not torch.cuda.is_initialized():  # reads a flag; initialises nothing
         return {}
     return memory_fields(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
 

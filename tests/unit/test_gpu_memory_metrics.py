@@ -26,7 +26,7 @@ def test_memory_fields_convert_bytes_to_gib():
 def test_no_memory_fields_without_cuda():
     import torch
 
-    assert not torch.cuda.is_available()  # this machine; the CUDA read needs a GPU
+    assert not torch.cuda.is_initialized()  # this process; the CUDA read needs a GPU
     assert cuda_memory_fields() == {}
 
 
