@@ -30,23 +30,21 @@ _GPU_RUN = pytest.StashKey[bool]()
 
 
 def selects_only_gpu_tests(markexpr: str) -> bool:
-    """Whether the ``-m`` expression keeps a test marked only ``gpu`` and drops an unmarked
-    one: True for ``gpu`` or ``gpu and not slow``; False for ``not slow``, ``gpu or not gpu``,
-    an empty or an unparsable expression."""
-    if not markexpr.strip():
-        return False
+    """Whether the ``-m`` expression selects GPU tests and nothing else: it holds for some
+    test marked ``gpu`` and for no test without that marker, whatever other markers (``slow``,
+    ``distributed``, ...) it carries. True for ``gpu`` or ``gpu and not slow``; False for
+    ``not slow``, ``gpu or slow``, ``gpu or not gpu``, an empty or an unparsable expression."""
+    tokens = re.findall(r"[()]|[^\s()]+", markexpr)
+    names = sorted({t for t in tokens if t not in ("(", ")", "and", "or", "not")} - {"gpu"})
 
-    def evaluate(true: set[str]) -> bool:
-        words = []
-        for token in re.findall(r"[()]|[^\s()]+", markexpr):
-            if token in ("(", ")", "and", "or", "not"):
-                words.append(token)
-            else:
-                words.append(str(token in true))
+    def holds(true: set[str]) -> bool:
+        words = [t if t in ("(", ")", "and", "or", "not") else str(t in true) for t in tokens]
         return bool(eval(" ".join(words), {"__builtins__": {}}, {}))  # only True/False/ops
 
+    # Every combination of the other markers a test may carry (a handful of names).
+    others = [{n for i, n in enumerate(names) if mask >> i & 1} for mask in range(2 ** len(names))]
     try:
-        return evaluate({"gpu"}) and not evaluate(set())
+        return any(holds(o | {"gpu"}) for o in others) and not any(holds(o) for o in others)
     except (SyntaxError, TypeError):
         return False
 
