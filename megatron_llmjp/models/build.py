@@ -11,16 +11,18 @@ import torch.nn.functional as F
 
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.models.params import padded_vocab_size
+from megatron_llmjp.parallel import cpu_compat
 from megatron_llmjp.parallel.dist import local_device
 from megatron_llmjp.parallel.layout import Layout
 
 
 def use_transformer_engine(cfg: RunConfig | None = None) -> bool:
-    """TE layers whenever CUDA and an importable Transformer Engine are present (and ``cfg``
-    does not ask for emulated FP8, which needs megatron-core's local layers)."""
+    """TE layers whenever the device is CUDA (``cpu_compat.device_type``) and Transformer
+    Engine imports (and ``cfg`` does not ask for emulated FP8, which needs megatron-core's local
+    layers). On CPU, CUDA is never queried."""
     if cfg is not None and cfg.precision.fp8 and cfg.precision.fp8_backend == "emulated":
         return False
-    if not torch.cuda.is_available():
+    if cpu_compat.device_type() != "cuda":
         return False
     try:
         import transformer_engine  # noqa: F401
