@@ -66,14 +66,23 @@ def test_bad_arguments_exit_2_naming_the_option(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_deadlines_pass_unused_time_forward():
+def test_deadlines_pass_unused_time_forward_and_borrow_a_quarter():
     budgets = acc.budgets_for(480)
     ends = acc.deadlines(1000.0, ["dense_8b", "checkpoint"], budgets)
-    # probe 30, dense 120, checkpoint 60: the running sum, the skipped parts take nothing.
-    assert ends == {"probe": 1030.0, "dense_8b": 1150.0, "checkpoint": 1210.0}
+    # probe 30, dense 120, checkpoint 60: all done by 1210; dense may borrow 15 of the 60 s.
+    assert ends == {"probe": 1030.0, "dense_8b": 1165.0, "checkpoint": 1210.0}
+    full = acc.deadlines(0.0, list(acc.PARTS), budgets)
+    assert full["gpu_tests"] == 480.0
+    assert full["dense_8b"] == 480.0 - 0.75 * (130 + 60 + 140)
     assert acc.budgets_for(240)["gpu_tests"] == 70.0
-    # Three runs left and 90 s to the part's deadline: 30 s for the next one.
-    assert acc.share(now=1050.0, part_deadline=1140.0, runs_left=3) == 30.0
+
+
+def test_run_timeouts_keep_time_for_the_runs_after_them():
+    # 90 s left, three runs: 90 - 2 x 20 = 50 s for this one.
+    assert acc.share(now=1050.0, part_deadline=1140.0, runs_left=3) == 50.0
+    # 45 s left, three runs: never less than an equal share.
+    assert acc.share(now=1095.0, part_deadline=1140.0, runs_left=3) == 15.0
+    assert acc.share(now=1100.0, part_deadline=1140.0, runs_left=1) == 40.0
     assert acc.share(now=1200.0, part_deadline=1140.0, runs_left=1) == 0.0
 
 

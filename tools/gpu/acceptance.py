@@ -27,9 +27,11 @@ checkpoint        60 s  A tiny model trained 4 steps on the CPU (gloo, megatron-
 gpu_tests        140 s  ``pytest -m gpu tests/gpu``: per-test outcome and duration.
 ==============  ======  =====================================================================
 
-The budgets add up to 480 s. Time a part leaves unused passes to the later parts: part ``i``
-must end by ``start + sum(budgets[: i + 1])``, and inside a part each run gets an equal share of
-what is left, so the whole command never runs past ``--budget-s`` (default 480).
+The budgets add up to 480 s and the command ends by then (``--budget-s``; the part budgets
+scale with it). Time a part leaves unused passes to the later parts, and a slower part may
+borrow a quarter of each later part's budget (``deadlines``); inside a part, a run may use what
+is left less 20 s for each run after it (``share``). A run or part past its time is killed
+with its process group and reported as ``timeout``.
 
 A performance run passes when it trains with finite losses and an MFU in (0, 1); a BF16 run
 must also stay within the planner's estimate (its 3 GiB overhead allowance included), while for
@@ -205,19 +207,31 @@ def step_tflop(overrides: list[str]) -> float:
     return step_flops(build_config(overrides=overrides)) / 1e12
 
 
+KEEP = 0.75
+"""Fraction of its budget a part keeps for itself however long the parts before it take; the
+rest may be lent to a slower earlier part."""
+RUN_RESERVE_S = 20.0
+"""Seconds kept for each later run of a part while one of its runs is going."""
+
+
 def deadlines(start: float, parts: list[str], budgets: dict[str, float]) -> dict[str, float]:
-    """Absolute time each part must end by: the running sum of the budgets of the parts that
-    run (unused time passes to the next part)."""
-    out, t = {}, start
-    for p in ["probe", *parts]:
-        t += budgets[p]
-        out[p] = t
+    """Absolute time each part must end by. The whole command ends by ``start`` plus the sum of
+    the budgets of the parts that run; a part may use its own budget, whatever the parts before
+    it left unused and ``1 - KEEP`` of each later part's budget (the probe: its own budget)."""
+    order = ["probe", *parts]
+    end = start + sum(budgets[p] for p in order)
+    out = {"probe": start + budgets["probe"]}
+    for i, p in enumerate(order[1:], start=1):
+        out[p] = end - KEEP * sum(budgets[q] for q in order[i + 1 :])
     return out
 
 
 def share(now: float, part_deadline: float, runs_left: int) -> float:
-    """Seconds the next of ``runs_left`` runs may take: an equal share of the part's time left."""
-    return max(0.0, (part_deadline - now) / max(1, runs_left))
+    """Seconds the next of ``runs_left`` runs may take: the part's time left less
+    ``RUN_RESERVE_S`` for each run after it, and never less than an equal share."""
+    left = part_deadline - now
+    n = max(1, runs_left)
+    return max(0.0, left / n, left - RUN_RESERVE_S * (n - 1))
 
 
 # --------------------------------------------------------------------------- arguments
@@ -555,7 +569,7 @@ def part_checkpoint(
     out = work / "checkpoint" / "gpu"
     overrides = [*TINY_CHECKPOINT, f"train.iters={GPU_ITERS}", f"checkpoint.dir={ckpt_dir(work)}"]
     gpu = Child.start(train_cmd(out, overrides), out / "log.txt", env)
-    rc, wall = gpu.wait(left() * 0.5)
+    rc, wall = gpu.wait(share(time.monotonic(), deadline, 2))
     records = read_metrics(out)
     first = records[0]["step"] if records else None
     gpu_first = records[0]["loss"] if records else None
@@ -578,7 +592,7 @@ def part_checkpoint(
             f"checkpoint.dir={export_from}",
         ]
         gpu = Child.start(train_cmd(out, overrides), out / "log.txt", env)
-        rc, wall = gpu.wait(left() * 0.5)
+        rc, wall = gpu.wait(share(time.monotonic(), deadline, 2))
         if not record("gpu_load_weights", gpu, rc, wall):
             return verdict()
     # Export the GPU checkpoint; llmjp-convert compares the logits of both models (exit 3).
