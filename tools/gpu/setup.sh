@@ -22,7 +22,8 @@
 #   missing; e.g. pydantic and its pydantic_core, nvdlfw_inspect, importlib_metadata)
 #
 # Environment: NVTE_CUDA_ARCHS (default: the GPU's compute capability, e.g. 90), MAX_JOBS
-# (default: the CPU count). Exit status: 0 ready, 1 an install failed, 2 wheels missing.
+# (default: the CPU count), CUDNN_PATH (default: the nvidia-cudnn wheel's folder), PYTHON.
+# Exit status: 0 ready, 1 an install failed, 2 wheels missing.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -71,6 +72,11 @@ if [ -z "${NVTE_CUDA_ARCHS:-}" ]; then
     NVTE_CUDA_ARCHS="$("$PY" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")' 2>/dev/null || echo 90)"
 fi
 export NVTE_CUDA_ARCHS NVTE_FRAMEWORK=pytorch MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# cuDNN headers and libraries from the nvidia-cudnn wheel, where no system cuDNN is set.
+if [ -z "${CUDNN_PATH:-}" ]; then
+    CUDNN_PATH="$("$PY" -c 'import nvidia.cudnn as c; print(list(c.__path__)[0])' 2>/dev/null || true)"
+    [ -n "$CUDNN_PATH" ] && export CUDNN_PATH
+fi
 PIP=("$PY" -m pip install --no-index --find-links "$WHEELS" --no-cache-dir)
 
 set -x
