@@ -75,7 +75,7 @@ export NVTE_CUDA_ARCHS NVTE_FRAMEWORK=pytorch MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 # cuDNN headers and libraries from the nvidia-cudnn wheel, where no system cuDNN is set.
 if [ -z "${CUDNN_PATH:-}" ]; then
     CUDNN_PATH="$("$PY" -c 'import nvidia.cudnn as c; print(list(c.__path__)[0])' 2>/dev/null || true)"
-    [ -n "$CUDNN_PATH" ] && export CUDNN_PATH
+    if [ -n "$CUDNN_PATH" ]; then export CUDNN_PATH; else unset CUDNN_PATH; fi
 fi
 PIP=("$PY" -m pip install --no-index --find-links "$WHEELS" --no-cache-dir)
 
