@@ -3,13 +3,17 @@
 Examples::
 
     llmjp-plan --config configs/abci3/llm-jp-4-8b_32node_bf16.yaml --nodes 32
-    llmjp-plan llm-jp-4-332b-a31b --nodes 64 --gpu h200 --gbs 2048 --recompute none,selective
+    llmjp-plan llm-jp-4-332b-a31b --nodes 64 --gpu h200 --gbs 2048 --recompute none,selective \
+        --recompute-modules moe_act,layernorm
     llmjp-plan llm-jp-4-32b-a3b --nodes 32 --mbs 1,2,4 --json --top 3
     llmjp-plan --list-gpus
 
 The config is built and validated exactly as ``llmjp-train`` builds it (its data section is
-ignored), and every layout shown was accepted by the trainer's own layout check. Nothing is
-allocated: this runs in about a second on a laptop, without torch.
+ignored), and every layout shown was accepted by the trainer's own layout check. Activation
+recompute is the config's ``recompute`` section unless ``--recompute`` explores others, each
+checked by the config's own rules for each layout; every plan comes with the ``--set``
+overrides that give a config its layout and recompute. Nothing is allocated: this runs in
+about a second on a laptop, without torch.
 """
 
 from __future__ import annotations

@@ -51,9 +51,9 @@ def check_recompute_backend(cfg: RunConfig, te: bool) -> None:
     if need_te and not te:
         raise ConfigError(
             f"{key}: {', '.join(need_te)} recompute needs Transformer Engine (CUDA): "
-            "megatron-core 0.16.1 recomputes them with CheckpointWithoutOutput, which calls "
-            "TE; moe_act also needs grouped-GEMM experts. Without TE (the local spec, CPU) "
-            f"use {', '.join(LOCAL_MODULES)}"
+            "megatron-core 0.16.1 recomputes layernorm and moe_act with "
+            "CheckpointWithoutOutput, which calls TE (and moe_act needs grouped-GEMM experts). "
+            f"Without TE (the local spec, CPU) use {', '.join(LOCAL_MODULES)}"
         )
     if "moe_act" in modules and cfg.performance.moe_grouped_gemm is False:
         # (None: the performance section's default, grouped GEMM with Transformer Engine)
