@@ -2,10 +2,20 @@
 
 Both sides run in FP32 (BF16 weights upcast exactly) on the same batch of real text tokenised
 with the LLM-jp-4 tokenizer, so the only differences left are kernel rounding: a mapping
-mistake (a transposed QKV group, a swapped gate/up, a wrong expert) shows as O(1) logit
-differences and top-1 disagreement. transformers must load the directory with no missing,
-unexpected or mismatched tensors. The megatron side runs in this process in a single-rank
-gloo group that is torn down afterwards.
+mistake (a transposed QKV group, a swapped gate/up, a wrong expert) shows as O(1) differences
+and top-1 disagreement.
+
+The default check is streamed (:func:`streamed_parity`): megatron-core and transformers run the
+text side by side one stage at a time (embedding, each decoder layer, final norm, output
+layer) with the real modules of each library, one layer's weights loaded at a time from the
+checkpoint (``TensorReader``) and the safetensors files (``HFReader``). Hidden states are
+compared after every stage and the logits at the end; the first stage that disagrees is named.
+Memory holds about one layer of each model, so the check scales to LLM-jp-4-332B-A31B (a
+layer of it is 16 GB in FP32, the whole pair 2.7 TB). It runs on CPU unless a GPU is asked
+for. The whole-model check (``method="whole"``: both models loaded whole, logits compared)
+remains as the reference the streamed one is tested against. Every tensor on either side must
+be used: transformers' modules must get no missing, unexpected or mismatched tensor. The
+megatron side runs in this process in a single-rank gloo group that is torn down afterwards.
 """
 
 from __future__ import annotations
@@ -429,10 +439,19 @@ def parity_device(device: str) -> torch.device:
 
 
 def _release(module: torch.nn.Module) -> None:
-    """Free the storage of ``module``'s parameters (the module object stays; loading again
-    refills them). Storage resizing is how torch's FSDP frees unsharded parameters."""
+    """Free the storage of ``module``'s parameters; the module and its parameter objects stay
+    (:func:`_reserve` allocates them again). Resizing storage is how torch's FSDP frees and
+    re-allocates unsharded parameters."""
     for p in module.parameters():
         p.untyped_storage().resize_(0)
+
+
+def _reserve(module: torch.nn.Module) -> None:
+    """Allocate the storage :func:`_release` freed (contents undefined until loaded)."""
+    for p in module.parameters():
+        need = (p.storage_offset() + p.numel()) * p.element_size()
+        if p.untyped_storage().nbytes() < need:
+            p.untyped_storage().resize_(need)
 
 
 class _MegatronStream:
@@ -604,19 +623,21 @@ class _MegatronStream:
         return out
 
     def layer_forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder layer ``i`` (0-based) on [seq, batch, hidden]."""
+        """Decoder layer ``i`` (0-based) on [seq, batch, hidden]. The one layer's weights are
+        freed between layers, so the transformers layer that runs next has the memory."""
+        _reserve(self.layer)
         self._load(self._layer_sharded(i), f"layer {i}", list(self.layer.parameters()))
         with torch.no_grad():
             out, _ = self.layer(
                 hidden_states=hidden, attention_mask=None, rotary_pos_emb=self.rotary
             )
+        _release(self.layer)
         return out
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         norm = self.chunk.decoder.final_layernorm
         sd = {k: v for k, v in self._model_sharded().items() if k.startswith("decoder.")}
         self._load(sd, "final norm", list(norm.parameters()))
-        _release(self.layer)
         with torch.no_grad():
             return norm(hidden)
 
@@ -822,8 +843,9 @@ def streamed_parity(
     """Run megatron-core and transformers side by side, stage by stage, on ``tokens``
     [batch, seq]: embedding, each decoder layer, final norm, output layer, comparing the hidden
     states after every stage (:func:`compare_hidden`) and the logits at the end (the
-    whole-model criterion, :data:`MAX_REL_DIFF` and :data:`MIN_TOP1`). Memory holds about one
-    layer of each model plus the slices being read. Stops at the first stage that disagrees:
+    whole-model criterion, :data:`MAX_REL_DIFF` and :data:`MIN_TOP1`). Memory holds at most
+    one layer of each model plus the slices being read (the embedding and output layer one
+    at a time). Stops at the first stage that disagrees:
     the returned figures have ``passed=False`` and ``failed`` naming it (the caller raises
     ``ParityError``). Raises ``ConversionError`` for a tensor missing, unread or misshapen on
     either side, before any process group exists where it can."""
