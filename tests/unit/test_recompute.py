@@ -21,7 +21,7 @@ from megatron_llmjp.planner.activations import Recompute, activation_memory, lay
 REPO = Path(__file__).resolve().parents[2]
 LLMJP_332B = REPO / "configs" / "abci3" / "llm-jp-4-332b-a31b_64node_bf16.yaml"
 DENSE, MOE = "model.name=llm-jp-4-tiny-dense", "model.name=llm-jp-4-tiny-moe"
-TINY = dict(num_layers=4, hidden_size=64, num_attention_heads=4)
+TINY = dict(num_layers=4, hidden_size=64, num_attention_heads=4, cuda_graph_scope=[])
 """A TransformerConfig without recompute settings (tiny-dense's sizes)."""
 
 
