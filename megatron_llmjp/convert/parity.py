@@ -408,7 +408,7 @@ def compare_hidden(name: str, depth: int, ref: torch.Tensor, got: torch.Tensor) 
 
 def stage_failure(stage: dict) -> str:
     """The ParityError text naming a failed stage, e.g. ``layer 7 (decoder layer): max |diff|
-    0.52 > 0.0008 (1e-4 x 8 layers of max |hidden| 8)``."""
+    0.52 > 0.0064 (0.0008 of max |hidden| 8)`` (tolerance 1e-4 x 8 layers of max |hidden|)."""
     return (
         f"{stage['name']}: max |diff| {stage['max_abs_diff']:.3g} > {stage['tolerance']:.3g} "
         f"({stage['rel_tolerance']:.2g} of max |hidden| {stage['max_abs']:.3g})"

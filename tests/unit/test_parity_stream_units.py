@@ -69,9 +69,21 @@ def _streamed_hf_logits(hf_dir, tokens):
     return out
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+def _tied_llama(out):
+    from tests.distributed.test_convert import COMMON
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(intermediate_size=96, **{**COMMON, "tie_word_embeddings": True})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "tied"])
 def test_hf_modules_one_at_a_time_reproduce_transformers_model(kind, tmp_path):
-    hf_dir = _hf_model(kind, tmp_path / "hf", max_shard_size="200KB")
+    if kind == "tied":  # no lm_head.weight on disk: the head uses the embedding
+        hf_dir = _tied_llama(tmp_path / "hf")
+    else:
+        hf_dir = _hf_model(kind, tmp_path / "hf", max_shard_size="200KB")
     tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
