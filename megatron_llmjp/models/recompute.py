@@ -41,14 +41,17 @@ def selected_modules(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(DEFAULT_MODULES if r.modules is None else r.modules)
 
 
-def check_recompute_backend(cfg: RunConfig, te: bool) -> None:
+def check_recompute_backend(cfg: RunConfig, te: bool, te_installed: bool | None = None) -> None:
     """Raise ``ConfigError`` (naming ``recompute.modules``) for modules the layer backend
-    cannot recompute; ``te``: the Transformer Engine spec is in use (else the local spec).
-    Needs no process group."""
+    cannot recompute. ``te``: the Transformer Engine spec is in use (else the local spec);
+    ``te_installed``: Transformer Engine imports (default: ``te``; the local spec runs on a
+    GPU with TE for emulated FP8). Needs no process group."""
+    if te_installed is None:
+        te_installed = te
     modules = selected_modules(cfg)
     key = f"recompute.modules={list(modules)}"
     need_te = [x for x in modules if x in TE_ONLY_MODULES]
-    if need_te and not te:
+    if need_te and not te_installed:
         raise ConfigError(
             f"{key}: {', '.join(need_te)} recompute needs Transformer Engine (CUDA): "
             "megatron-core 0.16.1 recomputes layernorm and moe_act with "
@@ -84,7 +87,10 @@ def recompute_kwargs(cfg: RunConfig, te: bool | None = None) -> dict:
         from megatron_llmjp.models.build import use_transformer_engine
 
         te = use_transformer_engine(cfg)
-    check_recompute_backend(cfg, te)
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # what megatron-core's CheckpointWithoutOutput needs: its own "TE imports" flag
+    check_recompute_backend(cfg, te, te or mcore_random.HAVE_TE)
     r = cfg.recompute
     if r.granularity == "none":
         return {}

@@ -173,7 +173,13 @@ def test_layernorm_and_moe_act_need_transformer_engine():
         with pytest.raises(ConfigError, match="needs Transformer Engine") as e:
             check_recompute_backend(cfg, te=False)
         assert "recompute.modules" in str(e.value)
+        if not mcore_random.HAVE_TE:  # the path model building takes, on this machine
+            with pytest.raises(ConfigError, match="needs Transformer Engine"):
+                recompute_kwargs(cfg)
         check_recompute_backend(cfg, te=True)  # the GPU spec runs them
+    # the local spec on a GPU with TE installed (emulated FP8) runs layernorm too
+    ln = _cfg(MOE, "recompute.granularity=selective", "recompute.modules=[layernorm]")
+    check_recompute_backend(ln, te=False, te_installed=True)
     for model, modules in ((DENSE, "[core_attn,mlp]"), (MOE, "[core_attn,moe]")):
         cfg = _cfg(model, "recompute.granularity=selective", f"recompute.modules={modules}")
         check_recompute_backend(cfg, te=False)
