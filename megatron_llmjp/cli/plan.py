@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from typing import TextIO
@@ -80,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         "--recompute",
         help="recompute.granularity values to try: none, selective, full, or a list "
         "(none,full); default: the config's recompute section (none for a bare MODEL). full "
-        "is method uniform, 1 layer per checkpoint",
+        "is the config's full setting, else method uniform with 1 layer per checkpoint; "
+        "full:uniform:N and full:block:N set recompute.method and recompute.num_layers",
     )
     g.add_argument(
         "--recompute-modules",
@@ -143,9 +145,15 @@ def _recompute(
             )
     out = []
     for mode in (x.strip() for x in (modes or "selective").split(",")):
-        if mode not in ("none", "selective", "full"):
-            raise ConfigError(f"--recompute {mode!r}: expected none, selective or full")
-        if mode == "full" and cfg.recompute.granularity == "full":
+        full = re.fullmatch(r"full:(uniform|block):([1-9][0-9]*)", mode)
+        if full:  # recompute.method and recompute.num_layers
+            out.append(Recompute("full", (), full[1], int(full[2])))
+        elif mode not in ("none", "selective", "full"):
+            raise ConfigError(
+                f"--recompute {mode!r}: expected none, selective, full or "
+                "full:uniform:N / full:block:N"
+            )
+        elif mode == "full" and cfg.recompute.granularity == "full":
             out.append(Recompute.from_config(cfg.recompute))
         else:
             out.append(Recompute(mode, mods))

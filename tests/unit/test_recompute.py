@@ -253,10 +253,26 @@ def test_llmjp_plan_uses_the_config_recompute_and_the_332b_recipe_fits(capsys):
 
 def test_llmjp_plan_explores_settings_by_config_names(capsys):
     argv = ["llm-jp-4-8b", "--nodes", "32", "--tp", "1", "--pp", "1", "--json", "--all"]
-    assert plan_main([*argv, "--recompute", "none,selective,full"]) == 0
+    assert plan_main([*argv, "--recompute", "none,selective,full,full:block:8"]) == 0
     plans = json.loads(capsys.readouterr().out)["plans"]
     got = {p["recompute"] for p in plans}
-    assert got == {"none", "sel:attn", "full:u1"}
+    assert got == {"none", "sel:attn", "full:u1", "full:b8"}
+    block = next(p for p in plans if p["recompute"] == "full:b8")
+    assert block["recompute_config"] == {
+        "granularity": "full",
+        "modules": None,
+        "method": "block",
+        "num_layers": 8,
+    }
+    # less memory than none, more than recomputing every layer; more compute than none
+    by = {p["recompute"]: p for p in plans}
+    act = {k: p["memory_gib"]["activations"] for k, p in by.items()}
+    assert act["full:u1"] < act["full:b8"] < act["none"]
+    assert by["none"]["time_s"]["compute"] < by["full:b8"]["time_s"]["compute"]
+    assert by["full:b8"]["time_s"]["compute"] < by["full:u1"]["time_s"]["compute"]
+    # a block larger than a pipeline chunk (32 layers) is refused by the config rules
+    assert plan_main([*argv, "--recompute", "full:block:33"]) == 2
+    assert "recompute.num_layers=33 must be in [1, 32]" in capsys.readouterr().err
     # settings the config rules refuse for this model are not offered
     code = plan_main([*argv, "--recompute", "selective", "--recompute-modules", "moe_act"])
     assert code == 2
