@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -316,3 +317,52 @@ def test_without_cuda_every_part_is_an_error_in_a_complete_report(tmp_path):
     assert report["passed"] is False
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert "FAILED in" in proc.stdout and str(out) in proc.stdout
+
+
+# ------------------------------------------------------------------ setup.sh
+
+
+def _setup(tmp_path, *args, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("LLMJP_WHEELS", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run(
+        ["bash", str(REPO / "tools/gpu/setup.sh"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_setup_changes_nothing_where_te_and_megatron_core_import(tmp_path):
+    """Stand-ins for an installed Transformer Engine and megatron-core (packages and their
+    metadata, first on the path): setup.sh reports both and exits 0 without looking for wheels
+    (there are none) and without writing anything."""
+    site = tmp_path / "site"
+    for package, dist, version in (
+        ("transformer_engine/pytorch", "transformer_engine", "2.10.0"),
+        ("megatron/core", "megatron_core", "0.16.1"),
+    ):
+        (site / package).mkdir(parents=True)
+        (site / package.split("/")[0] / "__init__.py").write_text("")
+        (site / package / "__init__.py").write_text("")
+        meta = site / f"{dist}-{version}.dist-info"
+        meta.mkdir()
+        name = dist.replace("_core", "-core")
+        (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    proc = _setup(tmp_path, str(tmp_path / "no-wheels"), pythonpath=str(site))
+    assert proc.returncode == 0, proc.stderr
+    assert "megatron-core 0.16.1, transformer_engine 2.10.0: ready" in proc.stdout
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_setup_without_wheels_or_cuda_exits_2(tmp_path):
+    proc = _setup(tmp_path, str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+    (tmp_path / "wheels").mkdir()
+    proc = _setup(tmp_path, str(tmp_path / "wheels"))
+    assert proc.returncode == 2 and "no CUDA build" in proc.stderr  # this machine's CPU torch

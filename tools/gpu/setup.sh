@@ -35,8 +35,8 @@ MCORE_VERSION=0.16.1
 ready() {
     "$PY" - <<'EOF'
 import importlib.metadata as md
+import transformer_engine.pytorch  # noqa: F401  (first: where it is missing, fail fast)
 import megatron.core  # noqa: F401
-import transformer_engine.pytorch  # noqa: F401
 print(f"megatron-core {md.version('megatron-core')}, transformer_engine "
       f"{md.version('transformer_engine')}: ready")
 EOF
