@@ -299,9 +299,12 @@ def test_without_cuda_every_part_is_an_error_in_a_complete_report(tmp_path):
     """The real command on this CPU machine: the probe finds no CUDA, each part says so, the
     report is written (atomically: no temporary file left) and the exit status is 1."""
     out = tmp_path / "report.json"
+    work = tmp_path / "work"
+    (work / "dense_8b" / "bf16").mkdir(parents=True)  # a previous run's (would be appended to)
+    (work / "mine").mkdir()
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools/gpu/acceptance.py"), "--output", str(out)]
-        + ["--parts", "dense_8b,gpu_tests"],
+        + ["--parts", "dense_8b,gpu_tests", "--workdir", str(work)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -317,6 +320,7 @@ def test_without_cuda_every_part_is_an_error_in_a_complete_report(tmp_path):
     assert report["passed"] is False
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert "FAILED in" in proc.stdout and str(out) in proc.stdout
+    assert not (work / "dense_8b").exists() and (work / "mine").is_dir()
 
 
 # ------------------------------------------------------------------ setup.sh

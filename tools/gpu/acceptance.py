@@ -52,6 +52,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -821,6 +822,12 @@ def run_all(args: argparse.Namespace) -> int:
     output = Path(args.output).resolve()
     work = Path(args.workdir).resolve() if args.workdir else output.parent / "work"
     work.mkdir(parents=True, exist_ok=True)
+    # A previous acceptance's runs would be resumed (checkpoints) or appended to (metrics):
+    # only the folders and files this command writes are removed.
+    for name in args.parts:
+        shutil.rmtree(work / name, ignore_errors=True)
+    for name in ("probe.json", "probe_result.json", "probe.txt"):
+        (work / name).unlink(missing_ok=True)
     t0 = time.monotonic()
     ends = deadlines(t0, args.parts, budgets_for(args.budget_s))
     report: dict = {
