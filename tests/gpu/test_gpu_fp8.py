@@ -83,6 +83,7 @@ _FP8_INIT_MODEL = [
 ]
 
 
+@torch.no_grad()
 def _weights(chunks) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, bool]]:
     """name -> (value as FP32 on the CPU, TE's high-precision initial value or None, FP8?)."""
     from megatron.core.fp8_utils import is_float8tensor
