@@ -23,6 +23,7 @@ __all__ = [
     "PerformanceEnvironment",
     "PerformanceRuntime",
     "check_performance_runtime",
+    "ddp_kwargs",
     "performance_kwargs",
     "probe_environment",
     "resolved_performance",
@@ -103,6 +104,18 @@ def performance_kwargs(cfg: RunConfig, env: PerformanceEnvironment | None = None
         if r.moe_token_dispatcher == "flex":
             kwargs.update(moe_flex_dispatcher_backend="deepep")
     return kwargs
+
+
+def ddp_kwargs(cfg: RunConfig) -> dict:
+    """``DistributedDataParallelConfig`` keyword arguments: ``align_param_gather``, as
+    Megatron-LM sets it (on with ``parallel.overlap_param_gather`` under the interleaved
+    schedule, pp > 1 and vpp > 1; off otherwise). Aligned, every pipeline stage dispatches
+    its parameter all-gathers from the schedule's ``param_sync_func`` (which the trainer sets)
+    instead of from the first forward pre-hook of each chunk. Same numbers either way
+    (measured on CPU: identical losses with and without it, PP2 x VPP2 x DP2)."""
+    par = cfg.parallel
+    interleaved = par.pp > 1 and (par.vpp or 1) > 1
+    return {"align_param_gather": bool(par.overlap_param_gather and interleaved)}
 
 
 def _initialize_userbuffers(cfg: RunConfig, layout, te_version: str) -> None:

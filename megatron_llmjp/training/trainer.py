@@ -81,6 +81,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
+    from megatron_llmjp.models import performance
     from megatron_llmjp.models.build import build_model_chunks
     from megatron_llmjp.models.init import initialize_weights
     from megatron_llmjp.precision import recipes as precision_recipes
@@ -100,6 +101,7 @@ def _build(cfg: RunConfig, layout: Layout) -> _State:
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
         **precision_recipes.ddp_kwargs(cfg.precision),
+        **performance.ddp_kwargs(cfg),
     )
     model = [
         DDP(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)

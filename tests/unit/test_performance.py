@@ -100,6 +100,20 @@ def test_recipe_transformer_config_on_h200(name, monkeypatch):
         want = AttnBackend[value] if key == "attention_backend" else value
         assert got == want, (key, got, want)
     assert tcfg.bf16 and tcfg.tensor_model_parallel_size == c.parallel.tp
+    # The DDP config as the trainer builds it: Megatron-LM aligns the parameter all-gathers
+    # of all pipeline stages when overlapping them under the interleaved schedule (332B).
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from megatron_llmjp.models.performance import ddp_kwargs
+
+    ddp = DistributedDataParallelConfig(
+        overlap_grad_reduce=c.parallel.overlap_grad_reduce,
+        overlap_param_gather=c.parallel.overlap_param_gather,
+        use_distributed_optimizer=c.optim.use_distributed_optimizer,
+        **ddp_kwargs(c),
+    )
+    assert ddp.overlap_param_gather  # every recipe overlaps it (LLM-jp v4)
+    assert ddp.align_param_gather is (name == "llm-jp-4-332b-a31b_64node_bf16.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
