@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +200,263 @@ def _experts_layout(model: list) -> str:
 
 # -- save ----------------------------------------------------------------------------------
 
+# What the checkpoint records of SHARDING_METADATA, copied before megatron-core adds its
+# process group to that dict (it does while building a sharded state dict).
+CONTENT_METADATA = dict(SHARDING_METADATA)
+
+
+def _structure(sd) -> tuple:
+    """What megatron-core's save plan depends on, per sharded leaf in order: type, key, shapes,
+    offsets, dtype and replica (the tensor data is left out; cheap, no communication)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    out = []
+    for leaf in _sharded_leaves(sd):
+        if not isinstance(leaf, ShardedBase):
+            continue
+        data = getattr(leaf, "data", None)
+        out.append(
+            (
+                type(leaf).__name__,
+                leaf.key,
+                tuple(getattr(leaf, "global_shape", ()) or ()),
+                tuple(getattr(leaf, "global_offset", ()) or ()),
+                str(getattr(leaf, "replica_id", "")),
+                str(getattr(leaf, "flattened_range", "")),
+                (tuple(data.shape), str(data.dtype)) if isinstance(data, torch.Tensor) else None,
+            )
+        )
+    return tuple(out)
+
+
+def _clock() -> float:
+    """Wall-clock seconds after the device's queued work (on CUDA), as the step timers."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class CheckpointSaver:
+    """Saves one run's checkpoints, keeping across saves what does not change between them.
+
+    megatron-core's ``torch_dist`` save strategy can reuse its save plan and global metadata
+    when the state dict keeps its structure (``TorchDistSaveShardedStrategy(cached_metadata=
+    True)``), and ``FullyParallelSaveStrategyWrapper(do_cache_distribution=True)`` its
+    assignment of shards to DP ranks; then the sharding needs validating only once
+    (``dist_checkpointing.save(validate_access_integrity=...)``). Megatron-LM does the same
+    under ``--ckpt-assume-constant-structure``. Here the structure is checked at every save
+    (``_structure``, one all-reduce of a flag): a change (the first save with optimizer state,
+    a save of iteration 0) starts over with fresh strategies and a full validation.
+
+    ``prepare()`` does the one-off work of a first save before training starts: the imports,
+    megatron-core's write-results server (whose first use imports torch in that process), and
+    ``gc.freeze()`` of what the setup built (megatron-core's distributed optimizer runs a full
+    ``gc.collect()`` twice per save, and an asynchronous save forks the rank: both then skip
+    the frozen objects; Python's ``gc.freeze`` documentation).
+
+    Asynchronous saves (``checkpoint.async_save``) write the shards in a forked process (a
+    copy-on-write snapshot of the state, so training may change the tensors at once); the
+    checkpoint is published by ``finalize_ready()`` at a later step once every rank has
+    written. The publishing keeps ``store.publish``'s order (data durable, rename, then
+    ``latest``), so a crash at any point leaves the previous checkpoint in place."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        layout: Layout,
+        *,
+        before_publish=None,
+        report: bool = False,
+    ) -> None:
+        """``before_publish(iteration)`` runs on rank 0 just before a publish (fault
+        injection); ``report``: print each save's blocked time on this rank."""
+        self.cfg = cfg
+        self.layout = layout
+        self.before_publish = before_publish
+        self.report = report
+        self.queue = None
+        self._strategy = None
+        self._structure: tuple | None = None
+        self._warm_up = None
+        self._pending: list[list] = []
+        """[iteration, seconds blocked so far] of each unpublished asynchronous save."""
+        self.saves = 0
+
+    def prepare(self) -> None:
+        """The one-off work of a first save (collective-free); call once before training."""
+        import gc
+        import threading
+
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (  # noqa: F401
+            FullyParallelSaveStrategyWrapper,
+        )
+        from megatron.core.dist_checkpointing.strategies.torch import (  # noqa: F401
+            TorchDistSaveShardedStrategy,
+        )
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+        from torch.distributed.checkpoint.storage import WriteResult
+
+        if self.cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            # Not the persistent worker: it is spawned (no CPU emulation there) and would
+            # share, not copy, CPU tensors that training then updates in place.
+            self.queue = AsyncCallsQueue()
+        # Started from the main thread (its server dies with the thread that started it);
+        # the first item it receives makes it import torch.distributed.checkpoint, which
+        # takes seconds: done here in a thread while training starts.
+        results = filesystem_async._get_write_results_queue()
+
+        def warm_up() -> None:
+            results.put(
+                WriteResult(index=MetadataIndex("warm-up"), size_in_bytes=0, storage_data=None)
+            )
+            results.get()
+
+        self._warm_up = threading.Thread(target=warm_up, name="llmjp-ckpt-warm-up", daemon=True)
+        self._warm_up.start()
+        gc.collect()
+        gc.freeze()
+
+    def _strategy_for(self, sd) -> tuple[object, bool]:
+        """(save strategy, validate the sharding?) for this state dict (collective)."""
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            TorchDistSaveShardedStrategy,
+        )
+
+        structure = _structure(sd)
+        if self._strategy is not None and _agree(structure != self._structure):
+            self._strategy = None
+        if self._strategy is not None:
+            return self._strategy, False
+        self._structure = structure
+        self._strategy = FullyParallelSaveStrategyWrapper(
+            TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True),
+            _dp_group(),
+            do_cache_distribution=True,
+        )
+        return self._strategy, True
+
+    def save(self, model: list, optimizer, progress: Progress) -> float:
+        """Save ``progress`` with ``model`` and ``optimizer`` (collective); returns the seconds
+        training was blocked on this rank. Synchronous saves are published on return."""
+        if self._warm_up is not None:
+            self._warm_up.join()  # it shares the write-results queue with the save
+            self._warm_up = None
+        t0 = _clock()
+        self.saves += 1
+        cfg, root = self.cfg, Path(self.cfg.checkpoint.dir)
+        rank = torch.distributed.get_rank()
+        tmp = store.tmp_dir(root, progress.iteration)
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        torch.distributed.barrier()
+        # Before the first step the optimizer holds no state (megatron cannot even describe
+        # it): an iteration-0 checkpoint is weights, RNG and progress only.
+        with_optimizer = optimizer is not None and progress.iteration > 0
+        # With parallel.overlap_param_gather the all-gather of the updated parameters waits
+        # for the next forward pass: finish it now, or the saved weights would hold the other
+        # DP ranks' shards as they were before the last step (Megatron-LM syncs before saving).
+        for chunk in model:
+            if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+                chunk.start_param_sync(force_sync=True)
+        sd = _state_dict(
+            model, optimizer if with_optimizer else None, is_loading=False, with_rng=True
+        )
+        sd["progress"] = asdict(progress)
+        sd["schedule"] = to_dict(cfg.schedule)
+        strategy, validate = self._strategy_for(sd)
+        experts_layout = _experts_layout(model) if cfg.model.is_moe else "none"
+        publish = partial(
+            self._publish, tmp, Progress(**asdict(progress)), with_optimizer, experts_layout
+        )
+        from megatron.core import dist_checkpointing
+
+        request = dist_checkpointing.save(
+            sd,
+            str(tmp),
+            strategy,
+            validate_access_integrity=validate,
+            async_sharded_save=self.queue is not None,
+            content_metadata=dict(CONTENT_METADATA),
+        )
+        if request is None:
+            publish()
+        else:
+            request.finalize_fns.append(publish)
+            self.queue.schedule_async_request(request)
+            self._pending.append([progress.iteration, 0.0])
+        blocked = _clock() - t0
+        if self.report:
+            note = " (shards are written in the background)" if request is not None else ""
+            print(
+                f"[llmjp] checkpoint of iteration {progress.iteration}: training blocked "
+                f"{blocked:.2f} s{note}",
+                flush=True,
+            )
+        return blocked
+
+    def _publish(self, tmp: Path, snapshot: Progress, with_optimizer: bool, experts: str):
+        cfg, root = self.cfg, Path(self.cfg.checkpoint.dir)
+        if torch.distributed.get_rank() == 0:
+            dump_yaml(cfg, tmp / "config.yaml")
+            manifest = build_manifest(
+                cfg,
+                self.layout,
+                asdict(snapshot),
+                store.file_sizes(tmp),
+                optimizer_saved=with_optimizer,
+                experts_layout=experts,
+            )
+            write_manifest(tmp, manifest)
+            if self.before_publish is not None:
+                self.before_publish(snapshot.iteration)
+            store.publish(tmp, root, snapshot.iteration)
+            if cfg.checkpoint.keep_last:
+                store.prune(root, cfg.checkpoint.keep_last)
+            final = root / store.iter_name(snapshot.iteration)
+            print(f"[llmjp] saved checkpoint {final}", flush=True)
+        torch.distributed.barrier()
+
+    def finalize_ready(self, blocking: bool = False) -> float:
+        """Publish the asynchronous saves every rank has finished writing (collective while
+        one is pending; ``blocking``: wait for all); returns the seconds this took. The checks
+        while a save is still being written count towards that save's blocked time, printed
+        when it is published."""
+        if self.queue is None or not self._pending:
+            return 0.0
+        t0 = _clock()
+        done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        spent = _clock() - t0
+        self._pending[0][1] += spent
+        for _ in done:
+            iteration, blocked = self._pending.pop(0)
+            if self.report and blocking:
+                print(f"[llmjp] checkpoint of iteration {iteration} published", flush=True)
+            elif self.report:
+                print(
+                    f"[llmjp] checkpoint of iteration {iteration} published: training blocked "
+                    f"{blocked:.2f} s while it was written and published",
+                    flush=True,
+                )
+        return spent
+
+    def close(self, abort: bool = False) -> None:
+        """Wait for pending saves and publish them (``abort``: drop them, unpublished)."""
+        if self.queue is not None:
+            if not abort:
+                self.finalize_ready(blocking=True)
+            self.queue.close(abort=abort)
+            self.queue = None
+            self._pending = []
+
 
 def save_checkpoint(
     model: list,
@@ -206,80 +465,12 @@ def save_checkpoint(
     layout: Layout,
     progress: Progress,
     *,
-    async_queue=None,
     before_publish=None,
 ) -> Path:
-    """Write ``iter_N.tmp`` on all ranks, then publish it (collective).
-
-    With ``async_queue`` the shards are written in the background and the publishing runs when
-    the queue finalises the request; the returned path is where the checkpoint will appear."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelSaveStrategyWrapper,
-    )
-
-    root = Path(cfg.checkpoint.dir)
-    rank = torch.distributed.get_rank()
-    tmp = store.tmp_dir(root, progress.iteration)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    torch.distributed.barrier()
-    # Before the first step the optimizer holds no state (megatron cannot even describe it):
-    # an iteration-0 checkpoint is weights, RNG and progress only.
-    with_optimizer = optimizer is not None and progress.iteration > 0
-    # With parallel.overlap_param_gather the all-gather of the updated parameters waits for
-    # the next forward pass: finish it now, or the saved weights would hold the other DP ranks'
-    # shards as they were before the last step (Megatron-LM syncs before saving too).
-    for chunk in model:
-        if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
-            chunk.start_param_sync(force_sync=True)
-    sd = _state_dict(model, optimizer if with_optimizer else None, is_loading=False, with_rng=True)
-    sd["progress"] = asdict(progress)
-    sd["schedule"] = to_dict(cfg.schedule)
-    strategy = FullyParallelSaveStrategyWrapper(
-        get_default_save_sharded_strategy("torch_dist"), _dp_group()
-    )
-    experts_layout = _experts_layout(model) if cfg.model.is_moe else "none"
-    snapshot = Progress(**asdict(progress))
-
-    def publish() -> None:
-        if rank == 0:
-            dump_yaml(cfg, tmp / "config.yaml")
-            manifest = build_manifest(
-                cfg,
-                layout,
-                asdict(snapshot),
-                store.file_sizes(tmp),
-                optimizer_saved=with_optimizer,
-                experts_layout=experts_layout,
-            )
-            write_manifest(tmp, manifest)
-            if before_publish is not None:
-                before_publish(snapshot.iteration)
-            store.publish(tmp, root, snapshot.iteration)
-            if cfg.checkpoint.keep_last:
-                store.prune(root, cfg.checkpoint.keep_last)
-            final = root / store.iter_name(snapshot.iteration)
-            print(f"[llmjp] saved checkpoint {final}", flush=True)
-        torch.distributed.barrier()
-
-    request = dist_checkpointing.save(
-        sd,
-        str(tmp),
-        strategy,
-        async_sharded_save=async_queue is not None,
-        content_metadata=SHARDING_METADATA,
-    )
-    if request is None:
-        publish()
-    else:
-        request.finalize_fns.append(publish)
-        async_queue.schedule_async_request(request)
-    return root / store.iter_name(progress.iteration)
+    """Write ``iter_N.tmp`` on all ranks, then publish it (collective, synchronous); for a
+    single save outside a training loop. Returns the published directory."""
+    CheckpointSaver(cfg, layout, before_publish=before_publish).save(model, optimizer, progress)
+    return Path(cfg.checkpoint.dir) / store.iter_name(progress.iteration)
 
 
 # -- load ----------------------------------------------------------------------------------

@@ -342,40 +342,24 @@ class RunResult:
 
 
 def _checkpointer(cfg: RunConfig, state: _State, monitor: FaultMonitor):
-    """A ``save(progress)`` callable plus the async queue to drain (both None without a dir)."""
+    """A ``save(progress)`` callable returning the seconds training was blocked, plus the
+    ``CheckpointSaver`` to finalize and close (both None without a dir)."""
     if cfg.checkpoint.dir is None:
         return None, None
-    from megatron_llmjp.checkpoint.state import save_checkpoint
+    from megatron_llmjp.checkpoint.state import CheckpointSaver
 
-    queue = None
-    if cfg.checkpoint.async_save:
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-        queue = AsyncCallsQueue()
+    saver = CheckpointSaver(
+        cfg,
+        state.layout,
+        before_publish=monitor.before_publish,
+        report=monitor.rank == monitor.world - 1,
+    )
+    saver.prepare()
 
     def save(progress: Progress) -> float:
-        """Save ``progress``; returns the seconds training was blocked."""
-        t0 = _now()
-        save_checkpoint(
-            state.model,
-            state.optimizer,
-            cfg,
-            state.layout,
-            progress,
-            async_queue=queue,
-            before_publish=monitor.before_publish,
-        )
-        blocked = _now() - t0
-        if monitor.rank == monitor.world - 1:
-            note = " (shards are written in the background)" if queue is not None else ""
-            print(
-                f"[llmjp] checkpoint of iteration {progress.iteration}: training blocked "
-                f"{blocked:.2f} s{note}",
-                flush=True,
-            )
-        return blocked
+        return saver.save(state.model, state.optimizer, progress)
 
-    return save, queue
+    return save, saver
 
 
 def _clean_stale_saves(cfg: RunConfig, rank: int) -> None:
@@ -510,7 +494,7 @@ def run(cfg: RunConfig, info: RankInfo | None = None) -> RunResult:
                 checkpoint_time += save(progress)
                 last_saved = progress.iteration
             if queue is not None:
-                queue.maybe_finalize_async_calls(blocking=False)
+                checkpoint_time += queue.finalize_ready()
             perf.after_step(step + 1)
             if stop:
                 result.stopped_by = monitor.signal_name or "a signal on another rank"

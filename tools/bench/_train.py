@@ -1,9 +1,11 @@
-"""Shared by the benchmark scripts: run ``llmjp-train`` under torchrun and read its metrics."""
+"""Shared by the benchmark scripts: run ``llmjp-train`` under torchrun and read its metrics,
+and describe the machine a measurement ran on."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +36,35 @@ def torchrun_train(world: int, overrides: list[str], out: Path, port: int) -> tu
         raise RuntimeError(f"{' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return proc.stdout, records
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. ``"1.93 2.10 2.40"``."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine() -> str:
+    """One line: host, CPU model, usable cores and the load average now (timings on a shared
+    machine are only comparable within one invocation)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.node()}: {cpu}, {cores} usable cores, load average {load_average()}"
+
+
+def spread(values: list[float]) -> str:
+    """``median (min-max, n=N)`` of ``values``."""
+    import statistics
+
+    if not values:
+        return "n/a"
+    return (
+        f"{statistics.median(values):.3f} s ({min(values):.3f}-{max(values):.3f}, "
+        f"n={len(values)})"
+    )

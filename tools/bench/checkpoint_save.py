@@ -1,9 +1,14 @@
-"""How long a checkpoint save blocks training: synchronous against asynchronous saves.
+"""How long checkpoint saves block training: the first save against later ones, and
+asynchronous saves against synchronous ones.
 
-Runs ``llmjp-train`` under torchrun twice on the same model and layout, saving every
-``--interval`` steps, once with ``checkpoint.async_save=false`` (the baseline) and once with
-``true``; reads the "training blocked" time the trainer prints for each save and the median
-step time, and prints the ratios. Both runs also train without saving for reference.
+Runs ``llmjp-train`` under torchrun on one model and layout, saving every ``--interval``
+steps, alternately with ``checkpoint.async_save=false`` (the baseline) and ``true``,
+``--repeats`` times each, plus one run without saves for the step time. For each save it
+reads the seconds the trainer reports training was blocked: the save call itself, plus for an
+asynchronous save the per-step completion checks and the publishing at a later step (saves
+published only after the last step are left out). Prints medians with min-max, the ratios
+first/later and async/sync from this invocation, and the machine with its load average at
+the start and the end (on a shared machine only the ratios of one invocation compare).
 
     .venv/bin/python tools/bench/checkpoint_save.py [--world 2] [--hidden 512] [--layers 8]
 """
@@ -17,19 +22,29 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _train import torchrun_train
+from _train import load_average, machine, spread, torchrun_train
 
-BLOCKED = re.compile(r"training blocked ([0-9.]+) s")
+SAVED = re.compile(r"checkpoint of iteration (\d+): training blocked ([0-9.]+) s")
+PUBLISHED = re.compile(r"checkpoint of iteration (\d+) published: training blocked ([0-9.]+) s")
 
 
-def run(world: int, overrides: list[str], out: Path) -> tuple[list[float], float, float]:
-    """(blocked seconds per save, median step time, checkpoint MiB)."""
+def blocked_per_save(stdout: str) -> dict[int, float]:
+    """Iteration -> seconds training was blocked by that save (asynchronous saves: only those
+    published during training, with their completion checks and publishing)."""
+    saved = {int(i): float(t) for i, t in SAVED.findall(stdout)}
+    published = {int(i): float(t) for i, t in PUBLISHED.findall(stdout)}
+    if "in the background" not in stdout:
+        return saved
+    return {i: t + published[i] for i, t in saved.items() if i in published}
+
+
+def run(world: int, overrides: list[str], out: Path) -> tuple[dict[int, float], float, float]:
+    """(blocked seconds per saved iteration, median step time, checkpoint MiB)."""
     stdout, records = torchrun_train(world, overrides, out, port=29733)
-    blocked = [float(x) for x in BLOCKED.findall(stdout)]
     step = statistics.median(r["step_time"] for r in records[1:])
     size = sum(p.stat().st_size for p in out.rglob("iter_*/*") if p.is_file())
     saves = max(1, len(list(out.glob("ckpt/iter_*"))))
-    return blocked, step, size / saves / 2**20
+    return blocked_per_save(stdout), step, size / saves / 2**20
 
 
 def main() -> int:
@@ -37,11 +52,15 @@ def main() -> int:
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--iters", type=int, default=12)
+    p.add_argument("--iters", type=int, default=14)
     p.add_argument("--interval", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="runs per mode, alternated")
+    p.add_argument("--model", default="llm-jp-4-tiny-dense")
+    p.add_argument("--set", action="append", default=[], help="extra override, repeatable")
     args = p.parse_args()
+    print(f"machine at start: {machine()}", flush=True)
     base = [
-        "model.name=llm-jp-4-tiny-dense",
+        f"model.name={args.model}",
         f"model.hidden_size={args.hidden}",
         f"model.ffn_hidden_size={3 * args.hidden}",
         f"model.num_layers={args.layers}",
@@ -51,26 +70,56 @@ def main() -> int:
         "train.seq_length=256",
         "train.global_batch_size=8",
         "logging.tensorboard=false",
+        *args.set,
     ]
+    first: dict[str, list[float]] = {"sync": [], "async": []}
+    later: dict[str, list[float]] = {"sync": [], "async": []}
+    steps: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+    mib = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         _, plain_step, _ = run(args.world, base, Path(tmp) / "none")
-        rows = {}
-        for mode in ("sync", "async"):
-            out = Path(tmp) / mode
-            ckpt = [
-                f"checkpoint.dir={out / 'ckpt'}",
-                f"checkpoint.interval={args.interval}",
-                f"checkpoint.async_save={mode == 'async'}",
-            ]
-            rows[mode] = run(args.world, base + ckpt, out)
-    sync_blocked = statistics.median(rows["sync"][0])
-    print(f"no saves      step {plain_step:.3f} s")
-    for mode, (blocked, step, mib) in rows.items():
-        med = statistics.median(blocked)
+        steps["none"].append(plain_step)
+        for k in range(args.repeats):
+            for mode in ("sync", "async") if k % 2 == 0 else ("async", "sync"):
+                out = Path(tmp) / f"{mode}{k}"
+                ckpt = [
+                    f"checkpoint.dir={out / 'ckpt'}",
+                    f"checkpoint.interval={args.interval}",
+                    f"checkpoint.async_save={mode == 'async'}",
+                ]
+                blocked, step, mib = run(args.world, base + ckpt, out)
+                # The save after the last step waits for nothing but the end of the run.
+                blocked.pop(args.iters, None)
+                its = sorted(blocked)
+                if its and its[0] == args.interval:
+                    first[mode].append(blocked[its[0]])
+                    its = its[1:]
+                later[mode] += [blocked[i] for i in its]
+                steps[mode].append(step)
+                print(
+                    f"  run {k + 1} {mode:<5}: blocked per save "
+                    + ", ".join(f"it{i} {t:.2f} s" for i, t in sorted(blocked.items())),
+                    flush=True,
+                )
+    print(
+        f"model {args.model} hidden={args.hidden} layers={args.layers} world={args.world}, "
+        f"checkpoint {mib:.0f} MiB, a save every {args.interval} steps, {args.repeats} runs "
+        "per mode"
+    )
+    print(f"step time   no saves {spread(steps['none'])}")
+    med = {m: statistics.median(v) if v else float("nan") for m, v in later.items()}
+    med_first = {m: statistics.median(v) if v else float("nan") for m, v in first.items()}
+    for mode in ("sync", "async"):
         print(
-            f"{mode:<6} saves  step {step:.3f} s, checkpoint {mib:.0f} MiB, blocked per save "
-            f"median {med:.3f} s (n={len(blocked)}), ratio to sync {med / sync_blocked:.2f}"
+            f"{mode:<5} first save blocked {spread(first[mode])}, later saves "
+            f"{spread(later[mode])}: first/later {med_first[mode] / med[mode]:.2f}; "
+            f"step time {spread(steps[mode])}"
         )
+    print(
+        f"async/sync blocked: later saves {med['async'] / med['sync']:.2f}, first save "
+        f"{med_first['async'] / med_first['sync']:.2f}"
+    )
+    print(f"load average at end: {load_average()}")
     return 0
 
 
