@@ -51,6 +51,18 @@ def _scaled(src: Path, dst: Path, names: list[str], factor: float) -> Path:
     return dst
 
 
+def _swapped(src: Path, dst: Path, pattern: str, a: str, b: str) -> Path:
+    """A copy of ``src`` with tensors ``pattern.format(a)`` and ``pattern.format(b)`` swapped
+    (a gate/up mix-up of a converter)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    t = load_file(dst / "model.safetensors")
+    t[pattern.format(a)], t[pattern.format(b)] = t[pattern.format(b)], t[pattern.format(a)]
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_streamed_check_agrees_with_the_whole_model_check(kind, tmp_path):
     hf = _hf_model(kind, tmp_path / "hf", max_shard_size="200KB")
@@ -69,8 +81,11 @@ def test_streamed_check_agrees_with_the_whole_model_check(kind, tmp_path):
     assert streamed["stages"][0]["max_abs_diff"] == 0.0
 
 
-def _faults(mc: Path, layer_fault: Path, norm_fault: Path) -> dict:
+def _faults(mc: Path, layer_fault: Path, norm_fault: Path, swapped: Path) -> dict:
     out = _both(layer_fault, mc)
+    with pytest.raises(ParityError) as e:
+        parity.check_parity(swapped, mc)
+    out["swapped"] = str(e.value)
     # The final-norm fault through the path a GPU node takes for a CPU check: a child process
     # that does not see CUDA (here forced by claiming CUDA in this worker).
     torch.cuda.is_available = lambda: True
@@ -90,12 +105,15 @@ def test_a_fault_is_reported_at_its_layer_and_at_the_final_norm(tmp_path):
     spawn(_import, 1, hf, tmp_path / "mc", False, timeout=300)
     layer_fault = _scaled(hf, tmp_path / "fc2", ["model.layers.2.mlp.down_proj.weight"], 1.5)
     norm_fault = _scaled(hf, tmp_path / "norm", ["model.norm.weight"], 1.5)
-    got = spawn(_faults, 1, tmp_path / "mc" / "iter_0000000", layer_fault, norm_fault)[0]
+    swapped = _swapped(hf, tmp_path / "swap", "model.layers.0.mlp.{}_proj.weight", "gate", "up")
+    ckpt = tmp_path / "mc" / "iter_0000000"
+    got = spawn(_faults, 1, ckpt, layer_fault, norm_fault, swapped, timeout=300)[0]
     # Same verdict: the whole-model check fails as well, on the logits only.
     assert got["whole"].startswith("parity check failed: {")
     assert got["streamed"].startswith("parity check failed: layer 2 (decoder layer): max |diff|")
     assert got["norm"].startswith("parity check failed: final norm: max |diff|")
     assert got["children"] == 1
+    assert got["swapped"].startswith("parity check failed: layer 0 (decoder layer): max |diff|")
 
 
 def _checkpoint_fault(hf: Path, mc: Path) -> str:
