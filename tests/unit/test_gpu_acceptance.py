@@ -370,3 +370,47 @@ def test_setup_without_wheels_or_cuda_exits_2(tmp_path):
     (tmp_path / "wheels").mkdir()
     proc = _setup(tmp_path, str(tmp_path / "wheels"))
     assert proc.returncode == 2 and "no CUDA build" in proc.stderr  # this machine's CPU torch
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_train_worker_reports_the_figures_of_a_run(tmp_path):
+    """The performance worker through the trainer API, on CPU with a tiny model: every step is
+    reported, the throughput follows from the median step time of the steps after the first
+    two and the model FLOPs, and a CPU has no MFU and no CUDA memory figures."""
+    overrides = [
+        "model.name=llm-jp-4-tiny-dense",
+        "data.synthetic=true",
+        "train.iters=4",
+        "train.seq_length=64",
+        "train.global_batch_size=2",
+        "logging.tensorboard=false",
+        "logging.gpu_telemetry=false",
+    ]
+    spec = tmp_path / "spec.json"
+    result = tmp_path / "result.json"
+    spec.write_text(
+        json.dumps(
+            {"overrides": overrides, "output_dir": str(tmp_path / "run"), "result": str(result)}
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools/gpu/acceptance.py"), "--worker", "train"]
+        + ["--spec", str(spec)],
+        env=acc.child_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    f = json.loads(result.read_text())
+    records = acc.read_metrics(tmp_path / "run")
+    assert f["steps"] == 4 and len(f["losses"]) == 4 and f["measured_steps"] == 2
+    assert f["losses"] == [r["loss"] for r in records]
+    times = sorted(r["step_time"] for r in records[2:])
+    assert f["step_time_s"] == pytest.approx(sum(times) / 2)  # the median of two
+    step = acc.step_tflop(overrides) * 1e12
+    assert f["tflops_per_gpu"] == pytest.approx(step / f["step_time_s"] / 1e12)
+    assert f["tokens_per_s"] == pytest.approx(2 * 64 / f["step_time_s"])
+    assert "mfu" not in f and f["peak_tflops"] is None
+    assert f["peak_allocated_bytes"] is None

@@ -429,6 +429,7 @@ def worker_train(spec: dict) -> dict:
     measured = history[WARMUP_STEPS:] or history
     step_time = statistics.median(r["step_time"] for r in measured)
     meter = ThroughputMeter.for_run(cfg, 1)
+    cuda = torch.cuda.is_available()  # (the worker also runs on CPU for the tests)
     return {
         "steps": len(history),
         "losses": [r["loss"] for r in history],
@@ -437,8 +438,8 @@ def worker_train(spec: dict) -> dict:
         "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / step_time,
         "peak_tflops": meter.peak_tflops,
         **meter.fields(step_time),
-        "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-        "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
     }
 
 
