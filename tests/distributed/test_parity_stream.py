@@ -63,9 +63,14 @@ def _swapped(src: Path, dst: Path, pattern: str, a: str, b: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "tied"])
 def test_streamed_check_agrees_with_the_whole_model_check(kind, tmp_path):
-    hf = _hf_model(kind, tmp_path / "hf", max_shard_size="200KB")
+    if kind == "tied":  # the output layer is the embedding on both sides
+        from tests.unit.test_parity_stream_units import _tied_llama
+
+        hf = _tied_llama(tmp_path / "hf")
+    else:
+        hf = _hf_model(kind, tmp_path / "hf", max_shard_size="200KB")
     imported = spawn(_import, 1, hf, tmp_path / "mc", True, timeout=300)[0]
     assert imported["method"] == "streamed" and imported["passed"]  # the conversion default
     ckpt = tmp_path / "mc" / "iter_0000000"
