@@ -175,7 +175,6 @@ def planner_estimate(overrides: list[str], device_name: str = "NVIDIA H200") -> 
     """The planner's per-GPU peak memory for the config of ``overrides`` on one GPU (bytes):
     ``planner.search.estimate_memory`` with the config's recompute setting."""
     from megatron_llmjp.config.loader import build_config
-    from megatron_llmjp.models.recompute import DEFAULT_MODULES
     from megatron_llmjp.parallel.layout import make_layout
     from megatron_llmjp.planner.activations import Recompute
     from megatron_llmjp.planner.hardware import get_gpu
@@ -184,11 +183,7 @@ def planner_estimate(overrides: list[str], device_name: str = "NVIDIA H200") -> 
 
     cfg = build_config(overrides=overrides)
     layout = make_layout(cfg.parallel, cfg.model, cfg.train, 1)
-    r = cfg.recompute
-    if r.granularity == "selective":
-        recompute = Recompute("selective", tuple(r.modules or DEFAULT_MODULES))
-    else:
-        recompute = Recompute(r.granularity)
+    recompute = Recompute.from_config(cfg.recompute)
     opts = PlanOptions(world=1, cluster=Cluster(gpu=get_gpu(planner_row(device_name))))
     est = estimate_memory(cfg, layout, cfg.train.micro_batch_size, recompute, opts)
     return {
