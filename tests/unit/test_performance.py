@@ -26,28 +26,38 @@ H200 = PerformanceEnvironment(
 )
 CPU = PerformanceEnvironment()
 
-# recipe -> (world size, expected TransformerConfig fields on H200): derived by hand from the
-# rules (Megatron-LM's choices) and each recipe's layout, not from the code under test.
-COMMON = dict(
+# recipe -> (world size, expected TransformerConfig fields on H200): LLM-jp's settings from
+# llm-jp/scripts (v4-8b/v4-32b params.sh: TE fused attention, no cross-entropy fusion;
+# v4-32b-a3.8b: flash attention, native cross-entropy fusion, grouped GEMM, permute fusion,
+# manual GC every 10 steps; 332B: the same plus DeepEP and VPP), written out by hand.
+DENSE = dict(
     gradient_accumulation_fusion=True,
+    cross_entropy_loss_fusion=False,
+    tp_comm_overlap=False,
+    overlap_p2p_comm=False,
+    batch_p2p_comm=True,
+    attention_backend="fused",
+    moe_grouped_gemm=False,
+)
+MOE = dict(
+    DENSE,
     cross_entropy_loss_fusion=True,
     cross_entropy_fusion_impl="native",
-    tp_comm_overlap=False,
-    attention_backend="auto",
+    attention_backend="flash",
+    moe_grouped_gemm=True,
+    moe_permute_fusion=True,
 )
-NO_PP_OVERLAP = dict(overlap_p2p_comm=False, batch_p2p_comm=True)
-MOE = dict(moe_grouped_gemm=True, moe_permute_fusion=True)
 RECIPES = {
-    "llm-jp-4-8b_32node_bf16.yaml": (256, {**COMMON, **NO_PP_OVERLAP, "moe_grouped_gemm": False}),
-    "llm-jp-4-33b_32node_bf16.yaml": (256, {**COMMON, **NO_PP_OVERLAP}),
+    "llm-jp-4-8b_32node_bf16.yaml": (256, DENSE, 0),
+    "llm-jp-4-33b_32node_bf16.yaml": (256, DENSE, 0),
     "llm-jp-4-32b-a3b_32node_bf16.yaml": (
         256,
-        {**COMMON, **NO_PP_OVERLAP, **MOE, "moe_token_dispatcher_type": "alltoall"},
+        {**MOE, "moe_token_dispatcher_type": "alltoall"},
+        10,
     ),
     "llm-jp-4-332b-a31b_64node_bf16.yaml": (
         512,
         {
-            **COMMON,
             **MOE,
             "overlap_p2p_comm": True,  # vpp 5: the interleaved schedule
             "batch_p2p_comm": False,
@@ -55,6 +65,7 @@ RECIPES = {
             "moe_flex_dispatcher_backend": "deepep",
             "virtual_pipeline_model_parallel_size": 5,
         },
+        10,
     ),
 }
 TE_PERMUTE = (
@@ -93,7 +104,8 @@ def test_recipe_transformer_config_on_h200(name, monkeypatch):
     # Recompute is mapped and checked against this (CPU) machine by models/recompute.py; only
     # the performance fields are under test here.
     c.recompute = RecomputeConfig()
-    world, expected = RECIPES[name]
+    world, expected, gc_interval = RECIPES[name]
+    assert resolve_performance(c, H200).manual_gc_interval == gc_interval
     tcfg = transformer_config(c, make_layout(c.parallel, c.model, c.train, world), env=H200)
     for key, value in expected.items():
         got = getattr(tcfg, key)
@@ -130,6 +142,7 @@ def test_recipe_on_cpu_resolves_off_or_is_refused(name, monkeypatch):
         moe_grouped_gemm=None,
         moe_permute_fusion=None,
         overlap_p2p_comm=None,  # 332B: on GPU with vpp, off on CPU
+        attention_backend="auto",  # TE's kernels in the recipes; local on CPU
     )
     c.recompute = RecomputeConfig()  # moe_act recompute needs grouped GEMM (GPU)
     if c.parallel.moe_token_dispatcher == "flex":
