@@ -462,7 +462,10 @@ class _MegatronStream:
     output layer, and ONE ``TransformerLayer`` into which each layer's weights are loaded in
     turn. Which global checkpoint slice fills which parameter comes from megatron-core's own
     ``sharded_state_dict`` (the layer's with the sharded offset of layer ``i`` of
-    ``num_layers``, as ``TransformerBlock`` gives it), read with ``TensorReader``."""
+    ``num_layers``, as ``TransformerBlock`` gives it), read with ``TensorReader``. The layer's
+    ``layer_number`` (1) only selects query-key layer scaling (off in these models) and the
+    per-layer bookkeeping of FP8 and MoE auxiliary losses (off in an FP32 evaluation): the
+    same layer function for every ``i``."""
 
     def __init__(self, ckpt_dir: Path, manifest: dict | None, tokens: torch.Tensor, device):
         from dataclasses import replace
