@@ -97,12 +97,12 @@ def initialize_weights(
         params, quantized = {}, {}
         for n, p in chunk.named_parameters():
             if _is_quantized(p):
-                quantized[id(p)] = (n, p)
+                quantized[("quantized", id(p))] = (n, p)  # never equal to a pointer
             else:
                 params[p.untyped_storage().data_ptr()] = (n, p)
         covered = dict.fromkeys([*params, *quantized], 0)
         for item in nested_values(chunk.sharded_state_dict()):
-            target = quantized.get(id(getattr(item, "data", None)))
+            target = quantized.get(("quantized", id(getattr(item, "data", None))))
             if target is not None:  # one item holds all of a quantized parameter's shards
                 p = target[1]
                 staging = torch.empty(p.shape, dtype=p.dtype, device=p.device)
@@ -114,7 +114,7 @@ def initialize_weights(
                 if not isinstance(sh, ShardedTensor) or sh.data is None:
                     continue
                 if target is not None:
-                    owner = id(target[1])
+                    owner = ("quantized", id(target[1]))
                 elif _is_quantized(sh.data):
                     continue  # a view of a quantized parameter: reported as uncovered below
                 else:
