@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_llmjp.config.performance_checks import PerformanceEnvironment
 from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.models.params import padded_vocab_size
 from megatron_llmjp.parallel import cpu_compat
@@ -49,7 +50,7 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def transformer_config(cfg: RunConfig, layout: Layout, env=None):
+def transformer_config(cfg: RunConfig, layout: Layout, env: PerformanceEnvironment | None = None):
     """Map our config onto megatron-core's ``TransformerConfig``. ``env``: a
     ``PerformanceEnvironment`` describing another machine for the ``performance`` switches
     (default: this one; see ``models/performance.py``)."""
