@@ -21,7 +21,7 @@ import torch
 from megatron_llmjp.checkpoint import store
 from megatron_llmjp.checkpoint.manifest import describe_checkpoint, model_section
 from megatron_llmjp.checkpoint.megatron_lm import is_optimizer_key
-from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter
+from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter, sync_tree
 from megatron_llmjp.convert import hf_config, mappings
 from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.safetensors_io import Entry, HFReader, ShardedWriter
@@ -355,6 +355,7 @@ def mcore_to_hf(
         _write_json(
             tmp / "generation_config.json", hf_config.generation_config(token_ids, stop_ids)
         )
+        sync_tree(tmp)  # once, before the rename publishes it
         result = None
         if parity:
             from megatron_llmjp.convert.parity import check_parity
@@ -557,6 +558,7 @@ def hf_to_mcore(
                         del slices
                 behind.submit(lambda: bar.step(0))
         finish_weights_checkpoint(tmp, writer, cfg, layout, {"hf_directory": str(src.resolve())})
+        sync_tree(tmp)  # what was written after the tensors (config.yaml), before the rename
         result = None
         if parity:
             from megatron_llmjp.convert.parity import check_parity

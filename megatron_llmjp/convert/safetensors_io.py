@@ -11,6 +11,7 @@ with ``model.safetensors.index.json`` as transformers writes it.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_llmjp.checkpoint.tensors import preallocate
+from megatron_llmjp.checkpoint.tensors import preallocate, start_writeback
 from megatron_llmjp.convert.transforms import ConversionError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _DTYPES = {v: k for k, v in _CODES.items()}
+# Tensors of at least this size are handed to the disk as soon as they are written.
+WRITEBACK_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,11 @@ class ShardedWriter:
         if i != self._open_index:
             self._open(i)
         data = block.detach().contiguous().cpu().view(torch.uint8).reshape(-1)
+        start = self._file.tell()
         self._file.write(data.numpy().data)
+        if data.numel() >= WRITEBACK_BYTES:  # the disk works while the next tensor comes
+            self._file.flush()
+            start_writeback(self._file.fileno(), start, data.numel())
         self._rows += rows
         if self._rows == (e.shape or (1,))[0]:
             self._pos, self._rows = self._pos + 1, 0
@@ -187,8 +194,11 @@ class HFReader:
         return Entry(name, tuple(h["shape"]), _DTYPES[h["dtype"]])
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``name`` (or its ``rows=(start, stop)``), read with plain file reads: a
-        memory map would count every page read towards this process's resident memory."""
+        """Tensor ``name`` (or its ``rows=(start, stop)``) as a private memory map of its bytes
+        in the shard: no copy, and no fresh memory to fault in, until something writes to it
+        (copy-on-write; the file never changes). The pages are those of the page cache and
+        count towards this process's resident memory only while the tensor lives: the map is
+        released with it. Raises ``ConversionError`` for a truncated shard."""
         e = self.entry(name)
         f = self.where[name]
         start, end = self._headers[f][name]["data_offsets"]
@@ -197,13 +207,25 @@ class HFReader:
             row_bytes = (end - start) // max(shape[0], 1)
             start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
             shape[0] = rows[1] - rows[0]
-        out = torch.empty(shape, dtype=e.dtype)
-        with open(self.directory / f, "rb") as fh:
-            fh.seek(self._data_start[f] + start)
-            view = out.view(torch.uint8).reshape(-1).numpy()
-            if fh.readinto(view.data) != end - start:
-                raise ConversionError(f"{self.directory / f}: truncated while reading {name}")
-        return out
+        if end == start:
+            return torch.empty(shape, dtype=e.dtype)
+        first = self._data_start[f] + start
+        base = first - first % mmap.ALLOCATIONGRANULARITY
+        path = self.directory / f
+        try:
+            with open(path, "rb") as fh:
+                view = mmap.mmap(
+                    fh.fileno(),
+                    first - base + end - start,
+                    # Not MAP_POPULATE: on a writable private map it would copy every page.
+                    flags=mmap.MAP_PRIVATE,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=base,
+                )
+        except (OSError, ValueError) as err:  # past the end of the file
+            raise ConversionError(f"{path}: truncated while reading {name} ({err})") from err
+        count = (end - start) // torch.empty((), dtype=e.dtype).element_size()
+        return torch.frombuffer(view, dtype=e.dtype, count=count, offset=first - base).view(shape)
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
