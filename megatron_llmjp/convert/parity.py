@@ -514,18 +514,22 @@ class _MegatronStream:
 
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
         init_distributed(RankInfo(0, 0, 1, "single"), self.layout, 5.0)
-        seed_everything(self.cfg.train.seed)
-        # Parameters are allocated, not initialised: untouched pages cost no memory.
-        (self.chunk,) = build_model_chunks(self.cfg, self.layout)
-        self.chunk.eval()
-        self.layer = self.chunk.decoder.layers[0]
-        self._check_keys()
+        try:
+            seed_everything(self.cfg.train.seed)
+            # Parameters are allocated, not initialised: untouched pages cost no memory.
+            (self.chunk,) = build_model_chunks(self.cfg, self.layout)
+            self.chunk.eval()
+            self.layer = self.chunk.decoder.layers[0]
+            self._check_keys()
+        except BaseException:
+            self.__exit__()  # no group outlives a failed start
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         from megatron_llmjp.parallel.dist import destroy_distributed
 
-        self.chunk = self.layer = None
+        self.chunk = self.layer = self.rotary = None
         destroy_distributed()
 
     def _model_sharded(self) -> dict:

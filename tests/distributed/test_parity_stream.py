@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_llmjp.convert import driver, parity
-from megatron_llmjp.convert.transforms import ParityError
+from megatron_llmjp.convert.transforms import ConversionError, ParityError
 from tests.distributed.test_convert import _hf_model
 from tests.helpers.spawn import spawn
 
@@ -121,10 +121,15 @@ def test_a_fault_is_reported_at_its_layer_and_at_the_final_norm(tmp_path):
     assert got["swapped"].startswith("parity check failed: layer 0 (decoder layer): max |diff|")
 
 
-def _checkpoint_fault(hf: Path, mc: Path) -> str:
+def _checkpoint_fault(hf: Path, mc: Path) -> tuple[str, str, bool]:
     with pytest.raises(ParityError) as e:
         parity.check_parity(hf, mc)
-    return str(e.value)
+    # A layer whose modules read nothing leaves every stored layer tensor unread: refused
+    # before any data moves, and the process group is gone afterwards.
+    parity._MegatronStream._layer_sharded = lambda self, i: {}
+    with pytest.raises(ConversionError) as unread:
+        parity.check_parity(hf, mc)
+    return str(e.value), str(unread.value), torch.distributed.is_initialized()
 
 
 def test_a_fault_in_the_checkpoint_is_reported_at_its_layer(tmp_path):
@@ -132,5 +137,7 @@ def test_a_fault_in_the_checkpoint_is_reported_at_its_layer(tmp_path):
     hf = _hf_model("moe", tmp_path / "hf")
     bad = _scaled(hf, tmp_path / "bad", ["model.layers.1.mlp.experts.0.down_proj.weight"], 2.0)
     spawn(_import, 1, bad, tmp_path / "mc", False, timeout=300)
-    text = spawn(_checkpoint_fault, 1, hf, tmp_path / "mc" / "iter_0000000", timeout=300)[0]
+    text, unread, group = spawn(_checkpoint_fault, 1, hf, tmp_path / "mc" / "iter_0000000")[0]
     assert text.startswith("parity check failed: layer 1 (decoder layer): max |diff|")
+    assert "tensors no megatron-core module reads: ['decoder.layers." in unread
+    assert not group
