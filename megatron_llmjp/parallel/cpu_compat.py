@@ -5,10 +5,9 @@ decides the device: ``device_type()`` reads ``LLMJP_DEVICE`` (``cpu`` or ``cuda`
 ``cuda`` when torch sees a GPU). ``install()`` is a no-op on ``cuda``; on ``cpu`` it must run
 before megatron-core modules are imported (megatron decorates functions with ``torch.compile``
 at import time). On ``cpu`` nothing here asks CUDA anything: ``torch.cuda.is_available()`` and
-``device_count()`` create no CUDA context but do initialise the driver and mark the process so
-that CUDA fails in any child it forks (torch documents ``PYTORCH_NVML_BASED_CUDA_CHECK`` to
-avoid that), so a CPU run on a GPU node must not call them before forking its ranks. What the
-layer changes, and why:
+``device_count()`` create no CUDA context but "poison fork" (torch's docs: CUDA then fails in
+forked children, unless ``PYTORCH_NVML_BASED_CUDA_CHECK=1``), so a CPU run on a GPU node must
+not call them before forking its ranks. What the layer changes, and why:
 
 * A ``TorchFunctionMode`` maps ``device="cuda"``, ``"cuda:N"`` and integer device arguments,
   ``Tensor.cuda()``, ``Tensor.to("cuda")`` and ``pin_memory`` to CPU, and reports CPU tensor

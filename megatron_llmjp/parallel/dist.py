@@ -77,8 +77,6 @@ def init_distributed(info: RankInfo, layout: Layout, timeout_minutes: float) -> 
     Raises:
         ConfigError: ``LLMJP_DEVICE=cuda`` where torch sees no GPU (before any process group).
     """
-    from megatron.core import parallel_state as ps
-
     cuda = cpu_compat.device_type() == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ConfigError(
@@ -86,6 +84,8 @@ def init_distributed(info: RankInfo, layout: Layout, timeout_minutes: float) -> 
             f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
             f"); unset {cpu_compat.DEVICE_ENV} or set it to cpu"
         )
+    from megatron.core import parallel_state as ps
+
     if cuda:
         # megatron-core's TP/SP communication overlap relies on one hardware queue keeping
         # kernels in issue order; it must be set before the CUDA context exists.

@@ -207,6 +207,7 @@ def test_pytest_on_a_gpu_node_runs_cpu_tests_without_touching_cuda(tmp_path):
     assert "is_available" in _calls(log)
 
 
+@pytest.mark.slow
 def test_device_switch_values_and_cuda_without_a_gpu(tmp_path):
     """A bad ``LLMJP_DEVICE`` and ``cuda`` on a machine without a GPU are ConfigErrors naming
     the variable, raised before any process group."""
