@@ -32,10 +32,10 @@ megatron-core 0.16.1 / Transformer Engine facts the rules rely on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_llmjp.config.errors import ConfigError
-from megatron_llmjp.config.schema import RunConfig
+from megatron_llmjp.config.schema import PerformanceConfig, RunConfig
 
 MIN_TE_PERMUTE_FUSION = "2.1.0"
 """``transformer_engine.pytorch.permutation`` (megatron-core 0.16.1's check)."""
@@ -159,14 +159,34 @@ def validate_performance(cfg: RunConfig) -> None:
             )
 
 
-def resolve_performance(cfg: RunConfig, env: PerformanceEnvironment) -> ResolvedPerformance:
+def resolve_performance(
+    cfg: RunConfig, env: PerformanceEnvironment, *, refuse: bool = True
+) -> ResolvedPerformance:
     """Decide every switch of ``cfg.performance`` for the machine ``env`` describes.
 
     None takes the device default: on a GPU with Transformer Engine what Megatron-LM uses
     (gradient-accumulation fusion when apex's kernel is there, cross-entropy fusion, MoE
     permute fusion and grouped GEMM, TE's attention choice, p2p overlap with virtual
-    pipeline stages); everything off on CPU. Raises ``ConfigError`` naming the field when a
-    switch is asked for that this machine cannot run (static checks included)."""
+    pipeline stages); everything off on CPU.
+
+    ``refuse`` (training): raise ``ConfigError`` naming the field when a switch is asked for
+    that this machine or layout cannot run (static checks included). Without it (a model
+    built outside training from a run's config, e.g. a conversion or parity check of a GPU
+    run on CPU, often in another layout), such a section resolves as if every switch were
+    left to the device default; the MoE dispatcher is still checked."""
+    if not refuse:
+        try:
+            return _resolve(cfg, env, check_recompute=True)
+        except ConfigError:
+            gc_interval = max(0, cfg.performance.manual_gc_interval)
+            defaults = replace(cfg, performance=PerformanceConfig(manual_gc_interval=gc_interval))
+            return _resolve(defaults, env, check_recompute=False)
+    return _resolve(cfg, env, check_recompute=True)
+
+
+def _resolve(
+    cfg: RunConfig, env: PerformanceEnvironment, check_recompute: bool
+) -> ResolvedPerformance:
     validate_performance(cfg)
     p, m = cfg.performance, cfg.model
     emulated = cfg.precision.fp8 is not None and cfg.precision.fp8_backend == "emulated"
@@ -214,7 +234,7 @@ def resolve_performance(cfg: RunConfig, env: PerformanceEnvironment) -> Resolved
         grouped = m.is_moe and te and _version_at_least(env.te_version, MIN_TE_GROUPED_GEMM)
     elif grouped:
         needs_te("moe_grouped_gemm", MIN_TE_GROUPED_GEMM, "TE's grouped linear layers")
-    if m.is_moe and not grouped and "moe_act" in (cfg.recompute.modules or []):
+    if check_recompute and m.is_moe and not grouped and "moe_act" in (cfg.recompute.modules or []):
         raise ConfigError(
             "recompute.modules contains moe_act, which megatron-core supports only with "
             "grouped GEMM (performance.moe_grouped_gemm, a GPU with Transformer Engine)"

@@ -69,17 +69,24 @@ def probe_environment() -> PerformanceEnvironment:
 
 
 def resolved_performance(
-    cfg: RunConfig, env: PerformanceEnvironment | None = None
+    cfg: RunConfig, env: PerformanceEnvironment | None = None, *, refuse: bool = False
 ) -> ResolvedPerformance:
     """Every switch of ``cfg.performance`` decided for ``env`` (default: this machine).
-    Raises ``ConfigError`` naming the field for a switch the machine cannot run."""
-    return resolve_performance(cfg, probe_environment() if env is None else env)
+
+    What a model is built with; training has refused a switch the machine or layout cannot
+    run before this (:func:`check_performance_runtime`), so ``refuse=False`` (the default)
+    only matters for models built outside training (conversion, parity, upcycling), where
+    such a section takes the device defaults. ``refuse=True`` raises ``ConfigError`` naming
+    the field instead."""
+    env = probe_environment() if env is None else env
+    return resolve_performance(cfg, env, refuse=refuse)
 
 
 def check_performance_runtime(cfg: RunConfig) -> ResolvedPerformance:
-    """The machine check of the ``performance`` section; call it before any process group
-    exists (``training.trainer.check_runtime`` does). Raises ``ConfigError``."""
-    return resolved_performance(cfg)
+    """The machine check of the ``performance`` section for training; call it before any
+    process group exists (``training.trainer.check_runtime`` does). Raises ``ConfigError``
+    naming the field for a switch this machine or layout cannot run."""
+    return resolved_performance(cfg, refuse=True)
 
 
 def performance_kwargs(cfg: RunConfig, env: PerformanceEnvironment | None = None) -> dict:
@@ -158,7 +165,7 @@ class PerformanceRuntime:
         """Initialise TE's userbuffers when ``tp_comm_overlap`` resolves on, and switch to
         manual garbage collection when ``performance.manual_gc_interval`` > 0 (one full
         collection now, as Megatron-LM's ``--manual-gc`` does)."""
-        r = resolved_performance(cfg)
+        r = resolved_performance(cfg, refuse=True)
         self = cls(r.manual_gc_interval, r.tp_comm_overlap)
         if r.tp_comm_overlap:
             _initialize_userbuffers(cfg, layout, probe_environment().te_version)

@@ -163,6 +163,33 @@ def test_recipe_on_cpu_resolves_off_or_is_refused(name, monkeypatch):
     assert r.attention_backend == "local" and r.overlap_p2p_comm is False
 
 
+@pytest.mark.parametrize(
+    "name", ["llm-jp-4-8b_32node_bf16.yaml", "llm-jp-4-332b-a31b_64node_bf16.yaml"]
+)
+def test_models_built_outside_training_take_device_defaults(name, monkeypatch):
+    """Conversion, parity and upcycling build a GPU run's model on CPU, in a layout of their
+    own (here the parity check's: one rank, no VPP, alltoall): the model gets this machine's
+    defaults, where training refuses the same section."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_llmjp.models.build import transformer_config
+    from megatron_llmjp.models.performance import check_performance_runtime
+    from megatron_llmjp.parallel.layout import make_layout
+
+    c = recipe(name, monkeypatch)
+    c.parallel = dataclasses.replace(
+        c.parallel, tp=1, pp=1, vpp=None, ep=1, etp=None, moe_token_dispatcher="alltoall"
+    )
+    c.recompute = RecomputeConfig()  # recompute has rules of its own on CPU
+    with pytest.raises(ConfigError, match=r"performance\."):
+        check_performance_runtime(c)  # what llmjp-train runs first
+    tcfg = transformer_config(c, make_layout(c.parallel, c.model, c.train, 1))
+    assert tcfg.attention_backend == AttnBackend.local
+    assert not (tcfg.gradient_accumulation_fusion or tcfg.cross_entropy_loss_fusion)
+    assert not (tcfg.overlap_p2p_comm or tcfg.batch_p2p_comm or tcfg.moe_grouped_gemm)
+    assert tcfg.moe_permute_fusion is False
+
+
 def test_cpu_defaults_reach_transformer_config():
     """This machine (no CUDA) through the real probe: megatron-core's unfused paths."""
     from megatron.core.transformer.enums import AttnBackend
