@@ -76,17 +76,25 @@ def write_random_hf(out: Path, model: dict, dtype: torch.dtype) -> int:
     return sum(torch.Size(e.shape).numel() for e in entries)
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of ``cmd`` in a fresh process. The RSS comes from GNU time
-    (``/usr/bin/time -f %M``): a child's own ``ru_maxrss`` would start from this process's
-    size, which it inherits at fork."""
-    with tempfile.NamedTemporaryFile("r") as rss:
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(seconds, peak RSS in GB, CPU seconds: user + system) of ``cmd`` in a fresh process.
+    RSS and CPU come from GNU time (``/usr/bin/time -f "%M %U %S"``): a child's own
+    ``ru_maxrss`` would start from this process's size, which it inherits at fork. The CPU
+    time varies less than the wall time on a shared machine."""
+    with tempfile.NamedTemporaryFile("r") as out:
         t0 = time.perf_counter()
-        done = subprocess.run(["/usr/bin/time", "-o", rss.name, "-f", "%M", *cmd])
+        done = subprocess.run(["/usr/bin/time", "-o", out.name, "-f", "%M %U %S", *cmd])
         dt = time.perf_counter() - t0
         if done.returncode != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}")
-        return dt, int(rss.read().split()[-1]) * 1024 / 1e9
+        kb, user, system = out.read().split()[-3:]
+        return dt, int(kb) * 1024 / 1e9, float(user) + float(system)
+
+
+def step(cmd: list[str], size: float) -> tuple[float, float, float, float]:
+    """(seconds, peak RSS GB, GB moved, CPU seconds) of one timed command."""
+    dt, rss, cpu = timed(cmd)
+    return dt, rss, size, cpu
 
 
 def size_of(d: Path) -> int:
@@ -148,27 +156,25 @@ def main() -> int:
                 shutil.rmtree(root / d, ignore_errors=True)
             subprocess.run(["sync"], check=True)
             row: dict[str, tuple[float, float, float]] = {}
-            row[names[0]] = (
-                *timed(["sh", "-c", f"cp -r {root / 'hf'} {root / 'hf.copy'} && sync"]),
-                gb,
+            row[names[0]] = step(
+                ["sh", "-c", f"cp -r {root / 'hf'} {root / 'hf.copy'} && sync"], gb
             )
             subprocess.run(["sync"], check=True)
-            row[names[1]] = (*timed(
+            row[names[1]] = step(
                 [*convert, "hf-to-mcore", "--input", str(root / "hf"), "--output",
                  str(root / "mc"), "--set", "parallel.tp=2", "--set", "parallel.pp=2",
-                 "--skip-parity", "--no-progress"]
-            ), gb)  # fmt: skip
+                 "--skip-parity", "--no-progress"], gb
+            )  # fmt: skip
             mc_gb = size_of(root / "mc") / 1e9
             subprocess.run(["sync"], check=True)
-            row[names[2]] = (
-                *timed(["sh", "-c", f"cp -r {root / 'mc'} {root / 'mc.copy'} && sync"]),
-                mc_gb,
+            row[names[2]] = step(
+                ["sh", "-c", f"cp -r {root / 'mc'} {root / 'mc.copy'} && sync"], mc_gb
             )
             subprocess.run(["sync"], check=True)
-            row[names[3]] = (*timed(
+            row[names[3]] = step(
                 [*convert, "mcore-to-hf", "--input", str(root / "mc"), "--output",
-                 str(root / "hf2"), "--skip-parity", "--no-progress"]
-            ), mc_gb)  # fmt: skip
+                 str(root / "hf2"), "--skip-parity", "--no-progress"], mc_gb
+            )  # fmt: skip
             runs.append(row)
             print(
                 f"run {n + 1}: " + ", ".join(f"{k} {v[0]:.2f} s" for k, v in row.items()),
@@ -176,7 +182,7 @@ def main() -> int:
             )
         if args.parity:
             shutil.rmtree(root / "hf3", ignore_errors=True)
-            dt, rss = timed(
+            dt, rss, _ = timed(
                 [*convert, "mcore-to-hf", "--input", str(root / "mc"), "--output",
                  str(root / "hf3"), "--no-progress"]
             )  # fmt: skip
@@ -186,18 +192,25 @@ def main() -> int:
             f"\n{'run':<5}{'step':<26}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}{'RSS/size':>10}"
         )
         for n, row in enumerate(runs):
-            for name, (dt, rss, size) in row.items():
+            for name, (dt, rss, size, cpu) in row.items():
                 print(
                     f"{n + 1:<5}{name:<26}{dt:>9.2f}{size / dt:>8.2f}{rss:>13.2f}"
-                    f"{rss / size:>10.1%}"
+                    f"{rss / size:>10.1%}{cpu:>8.2f}"
                 )
         print(f"{'median':<31}" + "-" * 40)
         for name in names:
             dt = median([r[name][0] for r in runs])
             rss = median([r[name][1] for r in runs])
+            cpu = median([r[name][3] for r in runs])
             size = runs[0][name][2]
-            print(f"{'':<5}{name:<26}{dt:>9.2f}{size / dt:>8.2f}{rss:>13.2f}{rss / size:>10.1%}")
-        print(f"(python + imports alone: peak RSS {idle[1]:.2f} GB)")
+            print(
+                f"{'':<5}{name:<26}{dt:>9.2f}{size / dt:>8.2f}{rss:>13.2f}{rss / size:>10.1%}"
+                f"{cpu:>8.2f}"
+            )
+        print(
+            f"(python + imports of the driver alone: peak RSS {idle[1]:.2f} GB, "
+            f"{idle[0]:.2f} s, CPU {idle[2]:.2f} s)"
+        )
         ratio = {
             "hf-to-mcore": [r[names[1]][0] / r[names[0]][0] for r in runs],
             "mcore-to-hf": [r[names[3]][0] / r[names[2]][0] for r in runs],
@@ -216,6 +229,9 @@ def main() -> int:
                 f"  {k}: median {median(v):.2f}x (runs {each}; "
                 f"median time / median copy {med:.2f}x)"
             )
+        for k, copy in (("hf-to-mcore", names[0]), ("mcore-to-hf", names[2])):
+            cpu = [r[k][3] / max(r[copy][3], 1e-3) for r in runs]
+            print(f"  CPU seconds, {k} / copy: median {median(cpu):.1f}x")
         print(
             "peak RSS / checkpoint, worst run (goal < 25%): "
             + ", ".join(f"{k} {v:.1%}" for k, v in rss_share.items())
