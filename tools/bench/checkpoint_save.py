@@ -38,13 +38,20 @@ def blocked_per_save(stdout: str) -> dict[int, float]:
     return {i: t + published[i] for i, t in saved.items() if i in published}
 
 
-def run(world: int, overrides: list[str], out: Path) -> tuple[dict[int, float], float, float]:
-    """(blocked seconds per saved iteration, median step time, checkpoint MiB)."""
+def save_calls(stdout: str) -> list[float]:
+    """Seconds of the save calls alone (for an asynchronous save: without the completion
+    checks and the publishing)."""
+    return [float(t) for _, t in SAVED.findall(stdout)]
+
+
+def run(world: int, overrides: list[str], out: Path) -> tuple[dict[int, float], float, float, list]:
+    """(blocked seconds per saved iteration, median step time, checkpoint MiB, save-call
+    seconds)."""
     stdout, records = torchrun_train(world, overrides, out, port=29733)
     step = statistics.median(r["step_time"] for r in records[1:])
     size = sum(p.stat().st_size for p in out.rglob("iter_*/*") if p.is_file())
     saves = max(1, len(list(out.glob("ckpt/iter_*"))))
-    return blocked_per_save(stdout), step, size / saves / 2**20
+    return blocked_per_save(stdout), step, size / saves / 2**20, save_calls(stdout)
 
 
 def main() -> int:
@@ -75,9 +82,10 @@ def main() -> int:
     first: dict[str, list[float]] = {"sync": [], "async": []}
     later: dict[str, list[float]] = {"sync": [], "async": []}
     steps: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+    call_times: dict[str, list[float]] = {"sync": [], "async": []}
     mib = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        _, plain_step, _ = run(args.world, base, Path(tmp) / "none")
+        _, plain_step, _, _ = run(args.world, base, Path(tmp) / "none")
         steps["none"].append(plain_step)
         for k in range(args.repeats):
             for mode in ("sync", "async") if k % 2 == 0 else ("async", "sync"):
@@ -87,7 +95,8 @@ def main() -> int:
                     f"checkpoint.interval={args.interval}",
                     f"checkpoint.async_save={mode == 'async'}",
                 ]
-                blocked, step, mib = run(args.world, base + ckpt, out)
+                blocked, step, mib, calls = run(args.world, base + ckpt, out)
+                call_times[mode] += calls[1:-1]  # neither the first nor the final save
                 # The save after the last step waits for nothing but the end of the run.
                 blocked.pop(args.iters, None)
                 its = sorted(blocked)
@@ -113,6 +122,7 @@ def main() -> int:
         print(
             f"{mode:<5} first save blocked {spread(first[mode])}, later saves "
             f"{spread(later[mode])}: first/later {med_first[mode] / med[mode]:.2f}; "
+            f"save call alone (later saves) {spread(call_times[mode])}; "
             f"step time {spread(steps[mode])}"
         )
     print(
