@@ -83,6 +83,7 @@ def main() -> int:
     later: dict[str, list[float]] = {"sync": [], "async": []}
     steps: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
     call_times: dict[str, list[float]] = {"sync": [], "async": []}
+    pairs: list[dict[str, float]] = []  # per repeat: median later-save blocking per mode
     mib = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         _, plain_step, _, _ = run(args.world, base, Path(tmp) / "none")
@@ -104,6 +105,9 @@ def main() -> int:
                     first[mode].append(blocked[its[0]])
                     its = its[1:]
                 later[mode] += [blocked[i] for i in its]
+                if k == len(pairs):
+                    pairs.append({})
+                pairs[k][mode] = statistics.median([blocked[i] for i in its] or [float("nan")])
                 steps[mode].append(step)
                 print(
                     f"  run {k + 1} {mode:<5}: blocked per save "
@@ -128,6 +132,13 @@ def main() -> int:
     print(
         f"async/sync blocked: later saves {med['async'] / med['sync']:.2f}, first save "
         f"{med_first['async'] / med_first['sync']:.2f}"
+    )
+    # The load changes from run to run: the ratio within each pair of adjacent runs as well.
+    ratios = [q["async"] / q["sync"] for q in pairs if len(q) == 2]
+    print(
+        "async/sync blocked per adjacent pair of runs (later saves): "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + (f"; median {statistics.median(ratios):.2f}" if ratios else "")
     )
     print(f"load average at end: {load_average()}")
     return 0
