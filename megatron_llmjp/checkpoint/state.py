@@ -10,6 +10,7 @@ record and a changed schedule applies on resume.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import time
@@ -309,10 +310,12 @@ class CheckpointSaver:
         results = filesystem_async._get_write_results_queue()
 
         def warm_up() -> None:
-            results.put(
-                WriteResult(index=MetadataIndex("warm-up"), size_in_bytes=0, storage_data=None)
-            )
-            results.get()
+            # A failure (the run ended first) only leaves the cost to the first save.
+            with contextlib.suppress(Exception):
+                results.put(
+                    WriteResult(index=MetadataIndex("warm-up"), size_in_bytes=0, storage_data=None)
+                )
+                results.get()
 
         self._warm_up = threading.Thread(target=warm_up, name="llmjp-ckpt-warm-up", daemon=True)
         self._warm_up.start()
