@@ -65,6 +65,5 @@ def spread(values: list[float]) -> str:
     if not values:
         return "n/a"
     return (
-        f"{statistics.median(values):.3f} s ({min(values):.3f}-{max(values):.3f}, "
-        f"n={len(values)})"
+        f"{statistics.median(values):.3f} s ({min(values):.3f}-{max(values):.3f}, n={len(values)})"
     )
