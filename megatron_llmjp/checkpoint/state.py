@@ -279,6 +279,7 @@ class CheckpointSaver:
         self._strategy = None
         self._structure: tuple | None = None
         self._warm_up = None
+        self._frozen = False
         self._pending: list[list] = []
         """[iteration, seconds blocked so far] of each unpublished asynchronous save."""
         self.saves = 0
@@ -321,6 +322,7 @@ class CheckpointSaver:
         self._warm_up.start()
         gc.collect()
         gc.freeze()
+        self._frozen = True
 
     def _strategy_for(self, sd) -> tuple[object, bool]:
         """(save strategy, validate the sharding?) for this state dict (collective)."""
@@ -452,7 +454,13 @@ class CheckpointSaver:
         return spent
 
     def close(self, abort: bool = False) -> None:
-        """Wait for pending saves and publish them (``abort``: drop them, unpublished)."""
+        """Wait for pending saves and publish them (``abort``: drop them, unpublished); the
+        objects ``prepare()`` froze are collectable again."""
+        import gc
+
+        if self._frozen:
+            gc.unfreeze()
+            self._frozen = False
         if self.queue is not None:
             if not abort:
                 self.finalize_ready(blocking=True)
