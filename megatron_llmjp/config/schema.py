@@ -206,7 +206,7 @@ class PerformanceConfig:
     without TE; ``local`` is refused with TE's layers, the TE kernels without them."""
     manual_gc_interval: int = 0
     """Disable Python's automatic garbage collector and collect by hand every N steps, on
-    every rank at the same step (Megatron-LM's ``--manual-gc``): no rank stalls in a
+    every rank at the same step (Megatron-LM's ``manual_gc`` option): no rank stalls in a
     collection the others do not make. 0: automatic GC."""
 
 

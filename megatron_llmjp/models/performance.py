@@ -164,7 +164,7 @@ class PerformanceRuntime:
     def start(cls, cfg: RunConfig, layout) -> PerformanceRuntime:
         """Initialise TE's userbuffers when ``tp_comm_overlap`` resolves on, and switch to
         manual garbage collection when ``performance.manual_gc_interval`` > 0 (one full
-        collection now, as Megatron-LM's ``--manual-gc`` does)."""
+        collection now, as Megatron-LM's ``manual_gc`` option does)."""
         r = resolved_performance(cfg, refuse=True)
         self = cls(r.manual_gc_interval, r.tp_comm_overlap)
         if r.tp_comm_overlap:
