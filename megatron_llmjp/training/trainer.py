@@ -40,7 +40,11 @@ class Preflight:
 
 def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
     """Checks that need the world size, the machine or the checkpoint on disk; before any
-    process group exists, so bad input fails in seconds on every rank alike."""
+    process group exists, so bad input fails in seconds on every rank alike.
+
+    The device is decided first (``cpu_compat.install``, from ``LLMJP_DEVICE``), so that on a
+    GPU node forced to CPU no check asks CUDA anything."""
+    cpu_compat.install()
     layout = make_layout(cfg.parallel, cfg.model, cfg.train, info.world_size)
     from megatron_llmjp.precision.recipes import check_precision_runtime
 
@@ -48,14 +52,19 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
     from megatron_llmjp.models.performance import check_performance_runtime
 
     check_performance_runtime(cfg)
-    if layout.cp > 1:
-        from megatron_llmjp.models.build import use_transformer_engine
+    import importlib.util
 
-        if not use_transformer_engine():
-            raise ConfigError(
-                f"parallel.cp={layout.cp}: context parallelism needs Transformer Engine "
-                "attention, which needs CUDA (run it on GPU nodes)"
-            )
+    from megatron_llmjp.models.build import use_transformer_engine
+    from megatron_llmjp.models.recompute import check_recompute_backend
+
+    te = use_transformer_engine(cfg)
+    te_installed = te or importlib.util.find_spec("transformer_engine") is not None
+    check_recompute_backend(cfg, te, te_installed)
+    if layout.cp > 1 and not use_transformer_engine():
+        raise ConfigError(
+            f"parallel.cp={layout.cp}: context parallelism needs Transformer Engine "
+            "attention, which needs CUDA (run it on GPU nodes)"
+        )
     if cfg.data.mixture is not None:
         from megatron_llmjp.data.mixture import check_datasets
 

@@ -303,3 +303,19 @@ def test_full_recompute_arithmetic_by_hand():
     assert saved(Recompute("full", (), "block", 8)) == pytest.approx(
         8 * layer_input + 24 * full_layer + table + last_stage
     )
+
+
+def test_training_refuses_te_only_modules_before_any_process_group():
+    """``check_runtime`` (what ``llmjp-train`` runs on every rank first) refuses layernorm
+    recompute on this CPU machine (no Transformer Engine) without a process group."""
+    import torch
+
+    from megatron_llmjp.parallel.dist import RankInfo
+    from megatron_llmjp.training.trainer import check_runtime
+
+    c = _cfg(MOE, "recompute.granularity=selective",
+             "recompute.modules=[layernorm]")  # fmt: skip
+    info = RankInfo(rank=0, local_rank=0, world_size=1, source="single")
+    with pytest.raises(ConfigError, match=r"recompute\.modules=\['layernorm'\].*Transformer"):
+        check_runtime(c, info)
+    assert not torch.distributed.is_initialized()
