@@ -14,7 +14,8 @@ quickstart's model and layout with synthetic tokens):
 A step's time is the wall clock between the starts of consecutive optimizer steps on the last
 rank, so everything the loop does between steps counts; the first ``--warmup`` steps are left
 out. The runs alternate (bare, trainer, bare, ...); the script prints each run's median, the
-median of the runs per loop with min-max, the ratio trainer/bare, and the machine with its
+median of the runs per loop with min-max, the ratio trainer/bare (of those medians and
+within each adjacent pair of runs), and the machine with its
 load average at the start and the end.
 
     .venv/bin/python tools/bench/loop_overhead.py [--runs 3] [--iters 12] [--set key=value]
@@ -225,7 +226,14 @@ def main() -> int:
     print(f"overrides: {' '.join(overrides)} (world {args.world})")
     print(f"bare megatron-core loop  median step {spread(medians['bare'])} over run medians")
     print(f"llmjp trainer            median step {spread(medians['trainer'])} over run medians")
-    print(f"trainer/bare {ours / bare:.3f}")
+    print(f"trainer/bare {ours / bare:.3f} (medians over runs)")
+    # The load changes between runs: the ratio within each adjacent pair is the steadier one.
+    pairs = [t / b for t, b in zip(medians["trainer"], medians["bare"], strict=True)]
+    print(
+        "trainer/bare per adjacent pair of runs: "
+        + ", ".join(f"{r:.3f}" for r in pairs)
+        + f"; median {statistics.median(pairs):.3f}"
+    )
     print(f"load average at end: {load_average()}")
     return 0
 
