@@ -15,8 +15,8 @@ A step's time is the wall clock between the starts of consecutive optimizer step
 rank, so everything the loop does between steps counts; the first ``--warmup`` steps are left
 out. The runs alternate (bare, trainer, bare, ...); the script prints each run's median, the
 median of the runs per loop with min-max, the ratio trainer/bare (of those medians and
-within each adjacent pair of runs), and the machine with its
-load average at the start and the end.
+within each adjacent pair of runs), and the machine with its load average at the start and
+the end.
 
     .venv/bin/python tools/bench/loop_overhead.py [--runs 3] [--iters 12] [--set key=value]
 """
