@@ -59,6 +59,14 @@ def _index_chunk(shape: Sequence[int], index: Sequence[int], rows: tuple[int, in
     return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
 
 
+def _narrow(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+    """The view of ``tensor`` starting at ``offsets`` with ``sizes`` (one per axis)."""
+    for axis, (start, length) in enumerate(zip(offsets, sizes, strict=True)):
+        if start != 0 or length != tensor.shape[axis]:
+            tensor = tensor.narrow(axis, start, length)
+    return tensor
+
+
 class _FileView(io.RawIOBase):
     """Bytes ``[offset, offset + length)`` of an open file, as a seekable stream of its own:
     ``torch.load`` reads one stored tensor from the middle of a checkpoint file directly into
@@ -98,10 +106,8 @@ class _SliceLoadPlanner:
         self.buffers = buffers
 
     def resolve_tensor(self, read_item) -> torch.Tensor:
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-
         dest = self.buffers[(read_item.dest_index.fqn, read_item.dest_index.index)]
-        return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
+        return _narrow(dest, read_item.dest_offsets, read_item.lengths)
 
     def commit_tensor(self, read_item, tensor) -> None:
         pass
@@ -199,7 +205,6 @@ class TensorReader:
     def _load(self, items: list, buffers: dict) -> None:
         """Read ``items`` file by file in storage order. A stored tensor that is exactly one
         requested slice becomes that slice (no second copy); others are copied into place."""
-        from torch.distributed._shard._utils import narrow_tensor_by_index as narrow
         from torch.distributed.checkpoint.planner import LoadPlan
 
         infos = [self._reader.storage_data[item.storage_index] for item in items]
@@ -217,13 +222,13 @@ class TensorReader:
                         map_location="cpu",
                         weights_only=True,
                     )
-                    src = narrow(stored, item.storage_offsets, item.lengths)
+                    src = _narrow(stored, item.storage_offsets, item.lengths)
                     k = (item.dest_index.fqn, item.dest_index.index)
                     dest = buffers[k]
                     if src.numel() == stored.numel() == dest.numel():
                         buffers[k] = src.reshape(dest.shape)
                     else:
-                        narrow(dest, item.dest_offsets, item.lengths).copy_(src)
+                        _narrow(dest, item.dest_offsets, item.lengths).copy_(src)
                     del stored, src
 
     def common(self) -> dict:
