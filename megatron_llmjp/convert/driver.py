@@ -80,9 +80,10 @@ class _Progress:
 
 
 class _WriteBehind:
-    """Runs each group's writes in one background thread while the next group is read:
-    at most two groups are in memory, and reading overlaps writing (both release the GIL).
-    An error in a write is raised here, in the caller's thread."""
+    """Runs each batch's writes in one background thread while the next batch is read:
+    at most two batches (``_batches``, up to ``BLOCK_BYTES`` each) are in memory, and reading
+    overlaps writing (both release the GIL). An error in a write is raised here, in the
+    caller's thread."""
 
     def __enter__(self) -> _WriteBehind:
         from concurrent.futures import ThreadPoolExecutor
