@@ -32,12 +32,6 @@ from megatron_llmjp.parallel.layout import smallest_layout
 # move in blocks of rows of about this size, so they are never held whole.
 BLOCK_BYTES = 64 * 2**20
 
-# Transforms whose Hugging Face tensors are consecutive blocks of rows of the megatron slice,
-# in the rule's order (SwiGLU ``linear_fc1`` = [gate; up]): each HF tensor is read from, or
-# written to, its rows of the checkpoint directly (one stored chunk each), with no
-# concatenation or split copy in memory. ``test_convert_io`` checks this against TRANSFORMS.
-ROW_SPLITS = frozenset({"gate_up"})
-
 
 @dataclass
 class Report:
@@ -181,14 +175,34 @@ def _batches(work: list, nbytes, limit: int) -> list[list]:
 
 
 def _row_ranges(rule: Rule, model: dict) -> list[tuple[int, int]] | None:
-    """For a ``ROW_SPLITS`` rule, the rows ``(start, stop)`` of the megatron slice that each
-    HF tensor is (in ``rule.hf`` order); None for other transforms."""
-    if rule.transform not in ROW_SPLITS:
+    """The rows ``(start, stop)`` of the megatron slice that each HF tensor of ``rule`` is, in
+    ``rule.hf`` order, when its transform splits the slice into two or more consecutive
+    blocks of rows that together are the whole slice (SwiGLU ``linear_fc1`` = [gate; up]);
+    else None. Found by running the transform's split on the row numbers (one column), so
+    it follows ``TRANSFORMS`` whatever they are. Such HF tensors are read from, or written
+    to, their rows of the checkpoint directly (one stored chunk each): no concatenation or
+    split copy in memory."""
+    shape = _slice_shape(rule, model)
+    if not shape:
         return None
-    out, start = [], 0
-    for shape in _hf_shapes(rule, model, torch.float32):
-        out.append((start, start + shape[0]))
-        start += shape[0]
+    rows = torch.arange(shape[0]).reshape(shape[0], *([1] * (len(shape) - 1)))
+    out = []
+    for part in TRANSFORMS[rule.transform][0](rows, mappings.dims_of(model)):
+        flat = part.reshape(-1)
+        if part.dim() == 0 or flat.numel() == 0 or flat.numel() != part.shape[0]:
+            return None
+        start = int(flat[0])
+        if not torch.equal(flat, torch.arange(start, start + flat.numel())):
+            return None
+        out.append((start, start + flat.numel()))
+    edges = sorted(out)
+    whole = edges and edges[0][0] == 0 and edges[-1][1] == shape[0]
+    if (
+        len(out) < 2
+        or not whole
+        or any(x[1] != y[0] for x, y in zip(edges, edges[1:], strict=False))
+    ):
+        return None
     return out
 
 
@@ -375,8 +389,8 @@ def mcore_to_hf(
 
 
 def _export_batch(batch, model, keys, reader, dims) -> list[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of a batch of (rule, index), read in one pass over the files. A
-    ``ROW_SPLITS`` rule's HF tensors are read as their rows of the stored slice."""
+    """(HF name, tensor) of a batch of (rule, index), read in one pass over the files. HF
+    tensors that are blocks of rows of the slice (``_row_ranges``) are read as those rows."""
     requests, plan = [], []
     for r, index in batch:
         names = mappings.hf_names(r, index)
@@ -414,8 +428,8 @@ def _export_rows(rule, model, keys, reader, writer, behind, bar, dtype) -> None:
 
 
 def _import_batch(batch, model, reader, dims, dtype) -> list[tuple]:
-    """``TensorWriter.write`` slices of a batch of (rule, index). A ``ROW_SPLITS`` rule's HF
-    tensors become chunks of rows of the slice (no concatenation in memory)."""
+    """``TensorWriter.write`` slices of a batch of (rule, index). HF tensors that are blocks
+    of rows of the slice (``_row_ranges``) become chunks of rows (no concatenation)."""
     slices = []
     for r, index in batch:
         names = mappings.hf_names(r, index)

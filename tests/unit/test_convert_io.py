@@ -147,33 +147,38 @@ def test_megatron_core_loads_the_batched_writes_in_another_layout(tmp_path):
             )
 
 
-def test_row_splits_are_what_the_transforms_compute():
-    """Every ``ROW_SPLITS`` transform's split is the rows ``_row_ranges`` names, and its merge
-    is their concatenation (so writing the parts as row chunks is the merge)."""
+@pytest.mark.parametrize("name", ["llm-jp-4-tiny-dense", "llm-jp-4-tiny-moe"])
+def test_row_splits_are_what_the_transforms_compute(name, monkeypatch):
+    """Where the driver moves HF tensors as rows of the slice, the transform's split of real
+    data is exactly those rows, in order, and its merge is their concatenation; the fused QKV
+    (interleaved per group) is not moved that way, SwiGLU fc1 is, and a changed transform
+    changes the rows (the shortcut follows ``TRANSFORMS``)."""
     from megatron_llmjp.checkpoint.manifest import model_section
     from megatron_llmjp.models.registry import get_model
 
-    model = model_section(get_model("llm-jp-4-tiny-dense"), 1, "none")
+    model = model_section(get_model(name), 1, "sequential")
     dims = mappings.dims_of(model)
-    rules = [r for r in mappings.rules_for(model) if r.transform in driver.ROW_SPLITS]
-    assert {r.transform for r in rules} == set(driver.ROW_SPLITS)
-    for r in rules:
+    found = {}
+    for r in mappings.rules_for(model):
+        ranges = driver._row_ranges(r, model)
+        found[r.transform] = found.get(r.transform, False) or ranges is not None
+        if ranges is None:
+            continue
         shape = driver._slice_shape(r, model)
         t = torch.randn(shape)
         split, merge = TRANSFORMS[r.transform]
-        ranges = driver._row_ranges(r, model)
         parts = split(t, dims)
         assert len(parts) == len(ranges) == len(r.hf)
-        assert ranges[0][0] == 0 and ranges[-1][1] == shape[0]
         for part, (a, b) in zip(parts, ranges, strict=True):
             assert torch.equal(part, t[a:b])
         assert torch.equal(merge(parts, dims), t)
-    assert (
-        driver._row_ranges(
-            next(r for r in mappings.rules_for(model) if r.transform == "qkv"), model
-        )
-        is None
-    )
+        assert sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == shape[0]
+    assert found["gate_up"] is True and found["qkv"] is False and found["copy"] is False
+    fc1 = next(r for r in mappings.rules_for(model) if r.transform == "gate_up")
+    rows = driver._slice_shape(fc1, model)[0]
+    split, merge = TRANSFORMS["gate_up"]
+    monkeypatch.setitem(TRANSFORMS, "gate_up", (lambda t, d: split(t, d)[::-1], merge))
+    assert driver._row_ranges(fc1, model) == [(rows // 2, rows), (0, rows // 2)]
 
 
 def test_batches_keep_order_and_bound_size():
