@@ -205,6 +205,27 @@ def _run_config(ckpt_dir: Path, manifest: dict, overrides: list[str]):
     return replace(cfg, model=megatron_lm.model_from_manifest(manifest))
 
 
+def _one_process_overrides(batch: int, seq: int) -> list[str]:
+    """The run config's overrides for a check on one process in FP32: no parallelism, one
+    ``batch x seq`` micro-batch, no checkpointing."""
+    return [
+        *(f"parallel.{k}=1" for k in ("tp", "pp", "cp", "ep")),
+        "parallel.vpp=null",
+        "parallel.etp=null",
+        "parallel.sequence_parallel=null",
+        "parallel.moe_token_dispatcher=alltoall",  # one rank: any dispatcher is the same
+        "precision.dtype=fp32",
+        "precision.fp8=null",
+        f"train.seq_length={seq}",
+        f"train.micro_batch_size={batch}",
+        f"train.global_batch_size={batch}",
+        "checkpoint.dir=null",
+        "checkpoint.load=null",
+        "checkpoint.interval=0",
+        "checkpoint.async_save=false",
+    ]
+
+
 def megatron_logits(
     ckpt_dir: Path, tokens: torch.Tensor, manifest: dict | None = None
 ) -> torch.Tensor:
@@ -225,21 +246,7 @@ def megatron_logits(
 
     cpu_compat.install()
     b, s = tokens.shape
-    overrides = [
-        *(f"parallel.{k}=1" for k in ("tp", "pp", "cp", "ep")),
-        "parallel.vpp=null",
-        "parallel.etp=null",
-        "parallel.sequence_parallel=null",
-        "precision.dtype=fp32",
-        "precision.fp8=null",
-        f"train.seq_length={s}",
-        f"train.micro_batch_size={b}",
-        f"train.global_batch_size={b}",
-        "checkpoint.dir=null",
-        "checkpoint.load=null",
-        "checkpoint.interval=0",
-        "checkpoint.async_save=false",
-    ]
+    overrides = _one_process_overrides(b, s)
     if manifest is None:
         manifest = describe_checkpoint(ckpt_dir, verify=False)
     cfg = _run_config(ckpt_dir, manifest, overrides)
@@ -480,22 +487,7 @@ class _MegatronStream:
             cpu_compat.force_cpu()  # megatron-core's CPU layers and gloo, also on a GPU node
         self.ckpt_dir = Path(ckpt_dir)
         b, s = tokens.shape
-        overrides = [
-            *(f"parallel.{k}=1" for k in ("tp", "pp", "cp", "ep")),
-            "parallel.vpp=null",
-            "parallel.etp=null",
-            "parallel.sequence_parallel=null",
-            "parallel.moe_token_dispatcher=alltoall",  # one rank: any dispatcher is the same
-            "precision.dtype=fp32",
-            "precision.fp8=null",
-            f"train.seq_length={s}",
-            f"train.micro_batch_size={b}",
-            f"train.global_batch_size={b}",
-            "checkpoint.dir=null",
-            "checkpoint.load=null",
-            "checkpoint.interval=0",
-            "checkpoint.async_save=false",
-        ]
+        overrides = _one_process_overrides(b, s)
         if manifest is None:
             manifest = describe_checkpoint(self.ckpt_dir, verify=False)
         cfg = _run_config(self.ckpt_dir, manifest, overrides)
