@@ -509,9 +509,8 @@ def hf_to_mcore(
     if not parity or str(parity_device).partition(":")[0] != "cuda":
         from megatron_llmjp.parallel import cpu_compat
 
-        # Only the CPU is used: on a GPU node, torch's checkpoint writer would otherwise open
-        # a CUDA stream (creating a CUDA context) for these CPU tensors.
-        cpu_compat.force_cpu()
+        # Tensors only, on CPU, also on a GPU node (megatron-core is not needed for that).
+        cpu_compat.pin_cpu()
     src = Path(src)
     src_config = hf_config.read_hf_config(src)
     model_cfg, hf_dtype = hf_config.model_config_from_hf(src_config, src)

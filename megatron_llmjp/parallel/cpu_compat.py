@@ -279,6 +279,26 @@ def device_type() -> Literal["cpu", "cuda"]:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pin_cpu() -> None:
+    """Keep this process (and the processes it starts) on CPU whatever ``LLMJP_DEVICE`` says,
+    without installing the layer: for work on tensors only (conversion, upcycling), which then
+    never imports megatron-core. A model check later in the same process still needs
+    :func:`force_cpu`.
+
+    Raises:
+        ConfigError: CUDA is already initialised in this process.
+    """
+    if _INSTALLED:
+        return
+    if torch.cuda.is_initialized():  # reads a flag; initialises nothing
+        raise ConfigError(
+            "CPU-only work was started in a process that already uses CUDA; run it in a "
+            f"process of its own (or with {DEVICE_ENV}=cpu)"
+        )
+    os.environ[DEVICE_ENV] = "cpu"
+    _hide_gpus()
+
+
 def force_cpu() -> None:
     """Compute on CPU in this process whatever ``LLMJP_DEVICE`` says (conversion and other
     model checks outside training), and install the layer.

@@ -292,15 +292,14 @@ def upcycle(
 ) -> Report:
     """Write the Drop-Upcycled MoE checkpoint root ``output`` from the dense checkpoint ``src``
     (a root, whose latest is used, or an ``iter_*`` directory), on CPU whatever
-    ``LLMJP_DEVICE`` says (``cpu_compat.force_cpu``: a ``ConfigError`` if this process
+    ``LLMJP_DEVICE`` says (``cpu_compat.pin_cpu``: a ``ConfigError`` if this process
     already uses CUDA)."""
     from megatron_llmjp.checkpoint.state import finish_weights_checkpoint
     from megatron_llmjp.parallel import cpu_compat
 
     t0 = time.perf_counter()
-    # Tensors only, on CPU: on a GPU node, torch's checkpoint writer would otherwise open a
-    # CUDA stream (creating a CUDA context) for them.
-    cpu_compat.force_cpu()
+    # Tensors only, on CPU, also on a GPU node (megatron-core is not needed for that).
+    cpu_compat.pin_cpu()
     p = plan(src, output, spec, list(overrides or []), force)
     reader = p.reader
     num_layers = p.moe["num_layers"]
