@@ -292,7 +292,8 @@ def pin_cpu() -> None:
         return
     if torch.cuda.is_initialized():  # reads a flag; initialises nothing
         raise ConfigError(
-            "CPU-only work was started in a process that already uses CUDA; run it in a "
+            "CPU-only work (a conversion or a CPU model check) was started in a process that "
+            "already uses CUDA; run it in a "
             f"process of its own (or with {DEVICE_ENV}=cpu)"
         )
     os.environ[DEVICE_ENV] = "cpu"
@@ -308,14 +309,7 @@ def force_cpu() -> None:
             ``torch.cuda`` functions that live CUDA code would then miss); run the check in a
             process of its own.
     """
-    if _INSTALLED:
-        return
-    if torch.cuda.is_initialized():  # reads a flag; initialises nothing
-        raise ConfigError(
-            "a CPU model check was started in a process that already uses CUDA; run it in a "
-            f"process of its own (or with {DEVICE_ENV}=cpu)"
-        )
-    os.environ[DEVICE_ENV] = "cpu"
+    pin_cpu()
     install()
 
 
