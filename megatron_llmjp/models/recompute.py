@@ -58,9 +58,8 @@ def check_recompute_backend(cfg: RunConfig, te: bool, te_installed: bool | None 
             "CheckpointWithoutOutput, which calls TE (and moe_act needs grouped-GEMM experts). "
             f"Without TE (the local spec, CPU) use {', '.join(LOCAL_MODULES)}"
         )
-    if "moe_act" in modules and cfg.performance.moe_grouped_gemm is False:
-        # (None: the performance section's default, grouped GEMM with Transformer Engine)
-        raise ConfigError(f"{key}: moe_act needs performance.moe_grouped_gemm=true")
+    # moe_act also needs grouped-GEMM experts: config.performance_checks decides that, from
+    # the resolved performance.moe_grouped_gemm.
     if te and "layernorm" in modules and not cfg.model.is_moe:
         raise ConfigError(
             f"{key}: with Transformer Engine a dense model's norms are fused into linear_qkv "

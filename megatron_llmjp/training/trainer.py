@@ -60,10 +60,11 @@ def check_runtime(cfg: RunConfig, info: RankInfo) -> Preflight:
     te = use_transformer_engine(cfg)
     te_installed = te or importlib.util.find_spec("transformer_engine") is not None
     check_recompute_backend(cfg, te, te_installed)
-    if layout.cp > 1 and not use_transformer_engine():
+    if layout.cp > 1 and not te:
         raise ConfigError(
             f"parallel.cp={layout.cp}: context parallelism needs Transformer Engine "
-            "attention, which needs CUDA (run it on GPU nodes)"
+            "attention (megatron-core's local attention refuses it), which needs CUDA and is "
+            "not used with precision.fp8_backend=emulated; run it on GPU nodes with TE FP8 or BF16"
         )
     if cfg.data.mixture is not None:
         from megatron_llmjp.data.mixture import check_datasets

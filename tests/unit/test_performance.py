@@ -383,6 +383,41 @@ def test_runtime_check_refuses_before_any_process_group():
     assert not torch.distributed.is_initialized()
 
 
+def test_context_parallel_with_emulated_fp8_on_gpu_is_refused(monkeypatch):
+    """On a GPU with Transformer Engine, emulated FP8 builds megatron-core's local layers,
+    whose attention refuses context parallelism: ``check_runtime`` says so before any process
+    group. (The GPU is imitated: the device switch says cuda and ``transformer_engine``
+    imports; the machine checks that would ask CUDA are stubbed.)"""
+    import importlib.machinery
+    import sys
+    import types
+
+    from megatron_llmjp.models import performance
+    from megatron_llmjp.parallel import cpu_compat
+    from megatron_llmjp.parallel.dist import RankInfo
+    from megatron_llmjp.precision import recipes
+    from megatron_llmjp.training.trainer import check_runtime
+
+    monkeypatch.setattr(cpu_compat, "install", lambda: None)
+    monkeypatch.setattr(cpu_compat, "device_type", lambda: "cuda")
+    te = types.ModuleType("transformer_engine")
+    te.__spec__ = importlib.machinery.ModuleSpec("transformer_engine", None)
+    monkeypatch.setitem(sys.modules, "transformer_engine", te)
+    monkeypatch.setattr(recipes, "check_precision_runtime", lambda precision: None)
+    monkeypatch.setattr(performance, "check_performance_runtime", lambda c: None)
+    info = RankInfo(rank=0, local_rank=0, world_size=2, source="single")
+    c = cfg(
+        "parallel.cp=2",
+        "precision.dtype=bf16",
+        "precision.fp8=tensorwise",
+        "precision.fp8_backend=emulated",
+    )
+    with pytest.raises(ConfigError, match=r"parallel\.cp=2: .*fp8_backend=emulated"):
+        check_runtime(c, info)
+    assert not torch.distributed.is_initialized()
+    check_runtime(cfg("parallel.cp=2"), info)  # TE layers: context parallelism is fine
+
+
 def test_manual_gc_collects_every_interval():
     """Megatron-LM's manual GC: automatic collection off, one full collection at start and
     one after every N-th step (seen through Python's gc callbacks), restored at close."""
