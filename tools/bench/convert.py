@@ -10,9 +10,12 @@ fresh process (peak RSS from GNU time) after an untimed ``sync``:
 * ``cp -r`` + ``sync`` of the resulting checkpoint,
 * ``llmjp-convert mcore-to-hf`` of that checkpoint,
 
-and prints every run, the medians, the ratios to the copy of the same round (goal: at most
-1.5x the copy time, peak RSS under 25% of the checkpoint size) and the machine it ran on
-(cores, load average before and after, free memory, file system). Parity is skipped for the
+and the start-up alone (Python, torch, the driver and torch's checkpoint package imported,
+nothing converted), and prints every run, the medians, the ratios to the copy of the same
+round (goal: at most 1.5x the copy time, peak RSS under 25% of the checkpoint size), the same
+ratios with that round's start-up taken off (the part that grows with the model), and the
+machine it ran on (cores, load average before and after, free memory, file system).
+``--hidden 4096 --ffn 14336 --layers 8`` is the real 8B width (3.35 B parameters, 6.7 GB). Parity is skipped for the
 timing (it loads both models; ``--parity`` times it separately, once).
 
     .venv/bin/python tools/bench/convert.py [--runs 3] [--layers 4] [--hidden 2048] [--dtype bf16]
@@ -35,6 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_llmjp.convert import hf_config, mappings  # noqa: E402
 from megatron_llmjp.convert.driver import _groups, _hf_shapes  # noqa: E402
 from megatron_llmjp.convert.safetensors_io import Entry, ShardedWriter  # noqa: E402
+
+# What every conversion pays before its first byte: the interpreter, torch, the driver and
+# torch's distributed-checkpoint package (imported when the checkpoint side is opened).
+STARTUP = "import megatron_llmjp.convert.driver, torch.distributed.checkpoint"
 
 
 def _model(args) -> dict:
@@ -151,6 +158,7 @@ def main() -> int:
         gb = size_of(root / "hf") / 1e9
         print(f"model: {params / 1e9:.3f} B parameters, {gb:.2f} GB in {args.dtype}", flush=True)
         runs: list[dict[str, tuple[float, float, float]]] = []
+        startups: list[float] = []  # the start-up alone, once per run
         for n in range(args.runs):
             for d in ("hf.copy", "mc", "mc.copy", "hf2"):
                 shutil.rmtree(root / d, ignore_errors=True)
@@ -176,6 +184,7 @@ def main() -> int:
                  str(root / "hf2"), "--skip-parity", "--no-progress"], mc_gb
             )  # fmt: skip
             runs.append(row)
+            startups.append(timed([sys.executable, "-c", STARTUP])[0])
             print(
                 f"run {n + 1}: " + ", ".join(f"{k} {v[0]:.2f} s" for k, v in row.items()),
                 flush=True,
@@ -187,7 +196,7 @@ def main() -> int:
                  str(root / "hf3"), "--no-progress"]
             )  # fmt: skip
             print(f"mcore-to-hf + parity: {dt:.2f} s, peak RSS {rss:.2f} GB")
-        idle = timed([sys.executable, "-c", "import megatron_llmjp.convert.driver"])
+        idle = timed([sys.executable, "-c", STARTUP])
         print(
             f"\n{'run':<5}{'step':<26}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}{'RSS/size':>10}"
         )
@@ -208,7 +217,8 @@ def main() -> int:
                 f"{cpu:>8.2f}"
             )
         print(
-            f"(python + imports of the driver alone: peak RSS {idle[1]:.2f} GB, "
+            f"(start-up alone, python + imports of the driver and torch's checkpoint package: "
+            f"peak RSS {idle[1]:.2f} GB, "
             f"{idle[0]:.2f} s, CPU {idle[2]:.2f} s)"
         )
         ratio = {
@@ -228,6 +238,13 @@ def main() -> int:
             print(
                 f"  {k}: median {median(v):.2f}x (runs {each}; "
                 f"median time / median copy {med:.2f}x)"
+            )
+        for k, copy in (("hf-to-mcore", names[0]), ("mcore-to-hf", names[2])):
+            after = [(r[k][0] - s) / r[copy][0] for r, s in zip(runs, startups, strict=True)]
+            each = ", ".join(f"{x:.2f}x" for x in after)
+            print(
+                f"  {k} less the start-up of its run (median {median(startups):.2f} s, "
+                f"timed alone): median {median(after):.2f}x (runs {each})"
             )
         for k, copy in (("hf-to-mcore", names[0]), ("mcore-to-hf", names[2])):
             cpu = [r[k][3] / max(r[copy][3], 1e-3) for r in runs]
