@@ -157,6 +157,20 @@ def writer_section(cfg: RunConfig, *, from_model: bool = True) -> dict:
     return {"device": cpu_compat.device_type(), "layer_spec": spec}
 
 
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+"""Forms of the distributed optimizer's state this package saves and resumes (megatron-core's
+``distrib_optim_sharding_type``, ``checkpoint.optimizer_sharding``)."""
+
+
+def optimizer_sharding(cfg: RunConfig) -> str | None:
+    """The form a save of ``cfg`` writes the distributed optimizer's state in (one of
+    ``OPTIMIZER_SHARDINGS``, from ``checkpoint.optimizer_sharding``); None without the
+    distributed optimizer."""
+    if not cfg.optim.use_distributed_optimizer:
+        return None
+    return cfg.checkpoint.optimizer_sharding
+
+
 def build_manifest(
     cfg: RunConfig,
     layout: Layout,
@@ -184,7 +198,7 @@ def build_manifest(
             "saved": optimizer_saved,
             "type": "adamw",
             "distributed": cfg.optim.use_distributed_optimizer,
-            "sharding": "fully_reshardable" if cfg.optim.use_distributed_optimizer else None,
+            "sharding": optimizer_sharding(cfg),
         },
         "versions": versions(),
         "files": files,

@@ -1,9 +1,11 @@
 """Saving and loading a training state with megatron-core ``dist_checkpointing``.
 
-The state is the model chunks, the optimizer (the distributed optimizer in its
-``fully_reshardable`` form, so DP/TP/PP may change between save and load), every RNG, the
-progress counters (iteration, consumed samples, skipped steps) and the schedule section. Tensor
-keys are global (layer-stacked), so a checkpoint loads into any layout of the same model.
+The state is the model chunks, the optimizer (the distributed optimizer in the form
+``checkpoint.optimizer_sharding`` names: ``dp_reshardable``, each rank's own buffer shards, so
+only the data-parallel size may change before a resume; or ``fully_reshardable``, gathered at
+save time so DP/TP/PP/EP may all change), every RNG, the progress counters (iteration,
+consumed samples, skipped steps) and the schedule section. Model tensor keys are global
+(layer-stacked), so the weights load into any layout of the same model.
 The LR schedule is a pure function of the iteration and ``schedule.*``; it is stored for the
 record and a changed schedule applies on resume.
 """
@@ -23,9 +25,11 @@ import torch
 
 from megatron_llmjp.checkpoint import store
 from megatron_llmjp.checkpoint.manifest import (
+    OPTIMIZER_SHARDINGS,
     build_manifest,
     check_model,
     describe_checkpoint,
+    optimizer_sharding,
     parallel_section,
     write_manifest,
     writer_section,
@@ -36,11 +40,24 @@ from megatron_llmjp.config.schema import RunConfig
 from megatron_llmjp.parallel.dist import local_device
 from megatron_llmjp.parallel.layout import Layout
 
-# Distributed-optimizer state gathered into a layout-independent form at save time.
-SHARDING_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "chained_optim_avoid_prefix": True,
-}
+
+def sharding_metadata(sharding: str | None) -> dict:
+    """A fresh ``metadata`` dict for megatron-core's ``sharded_state_dict`` calls, for the
+    distributed optimizer's state in form ``sharding`` (one of ``OPTIMIZER_SHARDINGS``; None:
+    no distributed optimizer). Fresh because megatron-core adds its process group to the dict.
+
+    Without the distributed optimizer the type stays ``fully_reshardable``: megatron-core's
+    ``ChainedOptimizer`` prefixes its optimizers' keys with ``chained_N.`` for any other type
+    (even for non-distributed optimizers), and these checkpoints have always been saved
+    without the prefix."""
+    return {
+        "distrib_optim_sharding_type": sharding or "fully_reshardable",
+        "chained_optim_avoid_prefix": True,
+    }
+
+
+# For model state dicts alone (the optimizer's form does not change the model's tensors).
+SHARDING_METADATA = sharding_metadata(None)
 
 
 @dataclass
@@ -117,7 +134,70 @@ def plan_resume(cfg: RunConfig, layout: Layout) -> ResumePlan | None:
                 "optimizer state apart only when ep > 1); keep ep on the same side of 1 or set "
                 "checkpoint.load_optimizer=false"
             )
+        if manifest.get("format") != "megatron-lm":
+            _check_optimizer_sharding(directory, manifest, cfg, layout, source)
     return ResumePlan(directory, manifest, full, source, notes)
+
+
+def saved_sharding(manifest: dict) -> str | None:
+    """The form of the distributed optimizer's state in a checkpoint of this package (its
+    manifest's ``optimizer.sharding``; ``fully_reshardable`` where a manifest lacks it, the
+    only form saved before ``checkpoint.optimizer_sharding``); None without the distributed
+    optimizer."""
+    opt = manifest.get("optimizer") or {}
+    if not opt.get("distributed"):
+        return None
+    return opt.get("sharding") or "fully_reshardable"
+
+
+# Layout fields a dp_reshardable optimizer state depends on: the buffers it stores are those of
+# one tensor-, pipeline- (and expert-) parallel rank, split over the data-parallel group.
+# Context parallelism leaves the buffers alone (the optimizer shards over DP x CP), but a change
+# of it is not verified here (it needs Transformer Engine on CUDA) and is refused as well.
+DP_RESHARDABLE_FIXED = ("tp", "pp", "vpp", "cp", "ep", "etp")
+
+
+def _check_optimizer_sharding(
+    directory: Path, manifest: dict, cfg: RunConfig, layout: Layout, source: str
+) -> None:
+    """Refuse (``CheckpointError``) a full resume whose optimizer state this layout cannot read:
+    an unknown form, or a ``dp_reshardable`` state saved with another tp, pp, vpp, cp, ep or
+    etp (megatron-core reshards that form across data-parallel ranks only)."""
+    sharding = saved_sharding(manifest)
+    if sharding is None:
+        return
+    if sharding not in OPTIMIZER_SHARDINGS:
+        raise CheckpointError(
+            f"{directory}: its manifest records the distributed optimizer's state in the "
+            f"{sharding!r} form; this version reads {' and '.join(OPTIMIZER_SHARDINGS)}"
+        )
+    if sharding != "dp_reshardable":
+        return
+    saved, now = manifest["parallel"], parallel_section(layout)
+    fixed = [k for k in DP_RESHARDABLE_FIXED if cfg.model.is_moe or k not in ("ep", "etp")]
+    changed = [k for k in fixed if (saved.get(k) or 1) != (now.get(k) or 1)]
+    if not changed:
+        return
+
+    def value(v) -> str:
+        return "null" if v is None else str(v)
+
+    what = ", ".join(f"parallel.{k} {value(saved.get(k))} -> {value(now.get(k))}" for k in changed)
+    keep = " ".join(f"parallel.{k}={value(saved.get(k))}" for k in changed)
+    if source == "checkpoint.dir":
+        weights = (
+            "set checkpoint.load to it with checkpoint.load_optimizer=false (and another "
+            "checkpoint.dir) to start from its weights at iteration 0"
+        )
+    else:
+        weights = "set checkpoint.load_optimizer=false to start from its weights at iteration 0"
+    raise CheckpointError(
+        f"{directory}: its distributed-optimizer state was saved in the dp_reshardable form "
+        "(checkpoint.optimizer_sharding), which megatron-core reshards across data-parallel "
+        f"ranks only, but this run changes {what}. Resume with {keep}; or {weights}; or resume "
+        "on the saved layout with checkpoint.optimizer_sharding=fully_reshardable, whose next "
+        "save any layout can resume"
+    )
 
 
 def _holds_checkpoint(root: str) -> bool:
@@ -158,21 +238,25 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _model_state(model: list) -> dict:
+def _model_state(model: list, metadata: dict) -> dict:
     """Per chunk, unwrapped from DDP (whose generic version would prefix ``module.``)."""
     return {
-        f"chunk{i}": m.module.sharded_state_dict(metadata=SHARDING_METADATA)
-        for i, m in enumerate(model)
+        f"chunk{i}": m.module.sharded_state_dict(metadata=metadata) for i, m in enumerate(model)
     }
 
 
-def _state_dict(model, optimizer, *, is_loading: bool, with_rng: bool) -> dict:
+def _state_dict(
+    model, optimizer, *, is_loading: bool, with_rng: bool, sharding: str | None
+) -> dict:
+    """The sharded state dict of a save or a load; ``sharding``: the distributed optimizer's
+    form (the configured one to save, the checkpoint's own to load)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    sd = {"model": _model_state(model)}
+    metadata = sharding_metadata(sharding)
+    sd = {"model": _model_state(model, metadata)}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(
-            sd["model"], is_loading=is_loading, metadata=SHARDING_METADATA
+            sd["model"], is_loading=is_loading, metadata=metadata
         )
     if with_rng:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -200,10 +284,6 @@ def _experts_layout(model: list) -> str:
 
 
 # -- save ----------------------------------------------------------------------------------
-
-# What the checkpoint records of SHARDING_METADATA, copied before megatron-core adds its
-# process group to that dict (it does while building a sharded state dict).
-CONTENT_METADATA = dict(SHARDING_METADATA)
 
 
 def _structure(sd) -> tuple:
@@ -372,8 +452,13 @@ class CheckpointSaver:
         for chunk in model:
             if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
                 chunk.start_param_sync(force_sync=True)
+        sharding = optimizer_sharding(cfg)
         sd = _state_dict(
-            model, optimizer if with_optimizer else None, is_loading=False, with_rng=True
+            model,
+            optimizer if with_optimizer else None,
+            is_loading=False,
+            with_rng=True,
+            sharding=sharding,
         )
         sd["progress"] = asdict(progress)
         sd["schedule"] = to_dict(cfg.schedule)
@@ -390,7 +475,8 @@ class CheckpointSaver:
             strategy,
             validate_access_integrity=validate,
             async_sharded_save=self.queue is not None,
-            content_metadata=dict(CONTENT_METADATA),
+            # What the checkpoint records of the metadata (without megatron-core's process group).
+            content_metadata=sharding_metadata(sharding),
         )
         if request is None:
             publish()
@@ -525,9 +611,16 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     own_optimizer = plan.full and not plan.megatron_lm
     if own_optimizer:
         torch_adam.prepare_for_load(optimizer)
+    # The form the checkpoint was saved in, whatever checkpoint.optimizer_sharding says.
+    sharding = saved_sharding(plan.manifest) if own_optimizer else None
     sd = _state_dict(
-        model, optimizer if own_optimizer else None, is_loading=True, with_rng=with_rng
+        model,
+        optimizer if own_optimizer else None,
+        is_loading=True,
+        with_rng=with_rng,
+        sharding=sharding,
     )
+    hint = _BUCKETS_HINT if sharding == "dp_reshardable" else ""
     _apply_aliases(sd["model"], _stored_keys(directory))
     common_strategy = None
     mlm_pieces = None
@@ -568,11 +661,11 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
     absent = {k for k in absent if not (_is_extra_state(k) and (spec_changed or not plan.full))}
     if _agree(error is not None or bool(absent)):
         if error is not None:
-            raise CheckpointError(f"{directory}: loading failed: {error}") from error
+            raise CheckpointError(f"{directory}: loading failed: {error}{hint}") from error
         if absent:
             some = ", ".join(sorted(absent)[:4])
             raise CheckpointError(
-                f"{directory} lacks {len(absent)} tensors this model needs (e.g. {some})"
+                f"{directory} lacks {len(absent)} tensors this model needs (e.g. {some}){hint}"
             )
         raise CheckpointError(f"{directory}: loading failed on another rank (see its log)")
     from megatron.core.transformer.module import Float16Module
@@ -592,7 +685,17 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         megatron_lm_optimizer.apply(optimizer, loaded["megatron_lm_optimizer"], mlm_pieces, steps)
         progress = _megatron_lm_progress(plan.manifest)
     elif plan.full:
-        optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            # megatron-core asserts that dp_reshardable buckets hold what they held at save.
+            optimizer.load_state_dict(loaded["optimizer"])
+            error = None
+        except AssertionError as e:
+            error = e
+        if _agree(error is not None):
+            what = error if error is not None else "failed on another rank (see its log)"
+            raise CheckpointError(
+                f"{directory}: loading the optimizer state: {what}{hint}"
+            ) from error
         torch_adam.after_load(optimizer)
         progress = Progress(**loaded["progress"])
     else:
@@ -630,6 +733,14 @@ def load_checkpoint(model: list, optimizer, cfg: RunConfig, layout: Layout, plan
         for note in plan.notes:
             print(f"[llmjp] note: {note} (the config's value is used)", flush=True)
     return progress
+
+
+_BUCKETS_HINT = (
+    " (its optimizer state is in the dp_reshardable form, stored per gradient bucket of "
+    "megatron-core's DDP, which must be those of the save: a change of "
+    "parallel.overlap_grad_reduce changes them, and so, with it on, does a change of the "
+    "data-parallel size above 40, as the bucket size is max(4e7, 1e6 * dp) elements)"
+)
 
 
 def _megatron_lm_progress(manifest: dict) -> Progress:

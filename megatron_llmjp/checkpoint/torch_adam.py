@@ -6,8 +6,11 @@ whose per-parameter ``step`` state its checkpoint code only half handles:
 1. a freshly built optimizer has no state, so building the loading state dict fails: give every
    parameter zeroed moments and a zero step first (``prepare_for_load``);
 2. ``_set_main_param_and_optimizer_states`` copies every state key, ``step`` included, which the
-   loaded tensors do not carry (``KeyError: 'step'``), and copies into the main parameters (leaf
-   views that require grad) outside ``no_grad``: a narrower copy is installed;
+   loaded tensors do not carry (``KeyError: 'step'``) or, in the ``dp_reshardable`` form, carry
+   as this rank's stale pre-load value (a non-persistent entry) that would overwrite the step
+   ``DistributedOptimizer.load_state_dict`` has just set from the saved parameter groups; and it
+   copies into the main parameters (leaf views that require grad) outside ``no_grad``: a
+   narrower copy that leaves ``step`` alone is installed;
 3. after loading, one ``step`` tensor is shared by all parameters and torch's Adam increments it
    once per parameter per step (wrong bias correction): each state gets its own copy
    (``after_load``).
@@ -49,7 +52,7 @@ def _install_copy_fix() -> None:
         with torch.no_grad():
             main_param.copy_(tensors["param"])
             for key, value in state.items():
-                if key in tensors:
+                if key in tensors and key != "step":
                     value.copy_(tensors[key])
         return None
 

@@ -298,6 +298,20 @@ class CheckpointConfig:
     async_save: bool = False
     """Write shards in a background process while training continues; the checkpoint is
     published at a later step once every rank has finished writing."""
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is saved (megatron-core's
+    ``distrib_optim_sharding_type``; ignored with ``optim.use_distributed_optimizer=false``).
+    ``dp_reshardable`` (Megatron-LM's default): every rank writes its own shards of the
+    optimizer buffers with no communication, so an asynchronous save barely blocks training;
+    a resume with optimizer state may change only the data-parallel size (tp, pp, vpp, cp, ep
+    and etp must be those of the save; otherwise resume with ``load_optimizer=false``), and
+    only while megatron-core's gradient buckets stay the same (for a model larger than one
+    bucket: the same ``parallel.overlap_grad_reduce``, and with it on, no data-parallel size
+    above 40 on either side, as the bucket size is max(4e7, 1e6 * dp) elements).
+    ``fully_reshardable`` (Megatron-LM's ``--dist-ckpt-optim-fully-reshardable``): the state
+    is gathered onto data-parallel rank 0 inside every save call (training waits for it, also
+    with ``async_save``) and stored per parameter, so any layout may resume it. A resume reads
+    the form the checkpoint was saved in, whatever this field says."""
     save_at_end: bool = True
     keep_last: int | None = None
     """Delete older published checkpoints beyond the newest N (None keeps all)."""

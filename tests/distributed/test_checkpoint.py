@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,10 @@ def straight(tmp_path_factory):
     return get
 
 
+FULLY_RESHARDABLE = "checkpoint.optimizer_sharding=fully_reshardable"
+
+# The distributed optimizer's state in checkpoint.optimizer_sharding's default form,
+# dp_reshardable, unless an entry sets the other form.
 RESUME = [
     ("single", 1, DENSE),
     ("tp2xpp2", 4, [*DENSE, "parallel.tp=2", "parallel.pp=2"]),
@@ -74,7 +79,33 @@ RESUME = [
     ("dp2-async", 2, [*DENSE, "checkpoint.async_save=true", "checkpoint.interval=2"]),
     ("dp2-no-distopt", 2, [*DENSE, "optim.use_distributed_optimizer=false"]),
     ("bf16-ep2", 2, [*MOE, "parallel.ep=2", "precision.dtype=bf16"]),
+    ("dp2-fully-reshardable", 2, [*DENSE, FULLY_RESHARDABLE]),
 ]
+
+
+def assert_optimizer_form(checkpoint: Path, overrides: list[str]) -> None:
+    """The manifest and megatron-core's own record of the save (its content metadata and
+    stored keys) agree on the distributed optimizer's form the run was configured with."""
+    from megatron.core.dist_checkpointing import load_content_metadata
+
+    from megatron_llmjp.checkpoint.tensors import TensorReader
+
+    distributed = "optim.use_distributed_optimizer=false" not in overrides
+    form = "fully_reshardable" if FULLY_RESHARDABLE in overrides else "dp_reshardable"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["optimizer"]["sharding"] == (form if distributed else None)
+    if not distributed:
+        return
+    assert load_content_metadata(str(checkpoint))["distrib_optim_sharding_type"] == form
+    # dp_reshardable stores the buffers of each tp-pp group (megatron-core's key
+    # optimizer.distributed.dp_group_idx_<rank>.gbuf_idx_<i>.dtype_<dtype>.bucket_idx_<j>.<state>,
+    # behind chained_<k>. for chained dense and expert optimizers); fully_reshardable stores the
+    # state per parameter under optimizer.state.<state>.<key>.
+    names = list(TensorReader(checkpoint).names())
+    bucket = re.compile(r"(chained_\d+\.)?optimizer\.distributed\.dp_group_idx_\d+\.gbuf_idx_\d+\.")
+    buffers = [n for n in names if bucket.match(n)]
+    per_param = [n for n in names if n.startswith("optimizer.state.exp_avg.")]
+    assert (bool(buffers), bool(per_param)) == (form == "dp_reshardable", form != "dp_reshardable")
 
 
 @pytest.mark.parametrize("name,world,overrides", RESUME, ids=[r[0] for r in RESUME])
@@ -84,6 +115,7 @@ def test_resume_is_bitwise_exact(name, world, overrides, straight, tmp_path):
     first = train(world, [*overrides, ckpt, "train.iters=3"], tmp_path / "a")
     # Same train.iters as the straight run, so the LR schedule is the same function.
     assert read_latest(tmp_path / "ckpt") == 3
+    assert_optimizer_form(tmp_path / "ckpt" / "iter_0000003", overrides)
     second = train(world, [*overrides, ckpt], tmp_path / "b")
     assert first["iteration"] == 3 and second["iteration"] == 6
     for key in ("loss", "grad_norm"):
@@ -110,13 +142,26 @@ def test_resume_applies_the_new_learning_rate(tmp_path):
     assert first["lr"][-1] == 3e-4  # the saving run's peak (optim.lr default)
 
 
+FR = FULLY_RESHARDABLE
 RESHARD = [
-    # (name, model, save layout, load layout): worlds follow from the layouts.
-    ("tp2xpp2-to-single", DENSE, (4, ["parallel.tp=2", "parallel.pp=2"]), (1, [])),
-    ("tp2xpp2-to-pp2xdp2", DENSE, (4, ["parallel.tp=2", "parallel.pp=2"]), (4, ["parallel.pp=2"])),
-    ("pp2-to-vpp", DENSE, (2, ["parallel.pp=2"]), (2, ["parallel.pp=2", "parallel.vpp=2"])),
-    ("ep2-to-ep4", MOE, (2, ["parallel.ep=2"]), (4, ["parallel.ep=4"])),
-    ("ep2-to-ep2xtp2", MOE, (2, ["parallel.ep=2"]), (4, ["parallel.ep=2", "parallel.tp=2"])),
+    # (name, model, save layout, load layout): worlds follow from the layouts. A change of tp,
+    # pp, vpp or ep needs the fully_reshardable form; the resumed runs keep the default form
+    # in their config, so their loads also show that a load reads the form that was saved.
+    ("tp2xpp2-to-single", DENSE, (4, ["parallel.tp=2", "parallel.pp=2", FR]), (1, [])),
+    (
+        "tp2xpp2-to-pp2xdp2",
+        DENSE,
+        (4, ["parallel.tp=2", "parallel.pp=2", FR]),
+        (4, ["parallel.pp=2"]),
+    ),
+    ("pp2-to-vpp", DENSE, (2, ["parallel.pp=2", FR]), (2, ["parallel.pp=2", "parallel.vpp=2"])),
+    ("ep2-to-ep4", MOE, (2, ["parallel.ep=2", FR]), (4, ["parallel.ep=4"])),
+    ("ep2-to-ep2xtp2", MOE, (2, ["parallel.ep=2", FR]), (4, ["parallel.ep=2", "parallel.tp=2"])),
+    # dp_reshardable: the data-parallel size alone changes (dense, with PP, and MoE where the
+    # dense DP goes 2 -> 4 and the expert DP 1 -> 2).
+    ("dp2-to-single-dp-reshardable", DENSE, (2, []), (1, [])),
+    ("pp2-to-pp2xdp2-dp-reshardable", DENSE, (2, ["parallel.pp=2"]), (4, ["parallel.pp=2"])),
+    ("ep2-to-ep2xdp4-dp-reshardable", MOE, (2, ["parallel.ep=2"]), (4, ["parallel.ep=2"])),
 ]
 
 
@@ -128,6 +173,7 @@ def test_resume_into_another_layout(name, model, save, load, straight, tmp_path)
     ref = straight(w_save, [*model, *o_save])
     ckpt = f"checkpoint.dir={tmp_path / 'ckpt'}"
     train(w_save, [*model, *o_save, ckpt, "train.iters=3"], tmp_path / "a")
+    assert_optimizer_form(tmp_path / "ckpt" / "iter_0000003", o_save)
     resumed = train(w_load, [*model, *o_load, ckpt], tmp_path / "b")
     for key in ("loss", "grad_norm"):
         got, want = resumed[key], ref[key][3:]

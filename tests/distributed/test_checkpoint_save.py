@@ -4,7 +4,9 @@ A run saving at every step reuses its save strategy (plan, shard distribution, v
 from the second save on; megatron-core itself flags when its cached plan was verified and
 used (``TorchDistSaveShardedStrategy.validated_cache_reuse``). Its last checkpoint must hold
 bitwise the tensors of a run that saves the same state once, with a fresh strategy; both runs
-are the same deterministic training (the resume tests rely on that too).
+are the same deterministic training (the resume tests rely on that too). Both forms of the
+distributed optimizer's state (``checkpoint.optimizer_sharding``) keep their structure from
+save to save.
 """
 
 from __future__ import annotations
@@ -61,16 +63,21 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return {k: reader.read(k) for k in reader.names()}
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_save_with_the_reused_plan_writes_what_a_fresh_save_writes(mode, tmp_path):
+@pytest.mark.parametrize(
+    "mode,form",
+    [("sync", "dp_reshardable"), ("async", "dp_reshardable"), ("sync", "fully_reshardable")],
+)
+def test_a_save_with_the_reused_plan_writes_what_a_fresh_save_writes(mode, form, tmp_path):
+    sharding = f"checkpoint.optimizer_sharding={form}"
     every = [
         f"checkpoint.dir={tmp_path / 'every'}",
         "checkpoint.interval=1",
         f"checkpoint.async_save={mode == 'async'}",
         f"output_dir={tmp_path / 'a'}",
+        sharding,
     ]
     saves, verified = spawn(_train, 2, every)[-1]
-    once = [f"checkpoint.dir={tmp_path / 'once'}", f"output_dir={tmp_path / 'b'}"]
+    once = [f"checkpoint.dir={tmp_path / 'once'}", f"output_dir={tmp_path / 'b'}", sharding]
     fresh, _ = spawn(_train, 2, once)[-1]
     # One strategy and one validation (the first save); megatron-core verified its cached
     # plan (the same central plan twice) and skipped planning in the later saves.
