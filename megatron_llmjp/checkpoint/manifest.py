@@ -171,6 +171,18 @@ def optimizer_sharding(cfg: RunConfig) -> str | None:
     return cfg.checkpoint.optimizer_sharding
 
 
+def ddp_bucket_size(cfg: RunConfig, layout: Layout) -> int | None:
+    """Gradient-bucket size, in elements, of megatron-core's ``DistributedDataParallel`` for
+    ``cfg`` on ``layout`` (pipeline rank 0, first chunk; ``planner.shards.bucket_size``, which
+    the planner's grounding test checks against megatron-core's buffers): ``max(4e7, 1e6 *
+    dp)`` with ``parallel.overlap_grad_reduce``, None (one bucket per buffer) without it. The
+    ``dp_reshardable`` optimizer state is stored per bucket, so a resume must see the same
+    buckets (checked by ``state.plan_resume``)."""
+    from megatron_llmjp.planner.shards import bucket_size
+
+    return bucket_size(layout, cfg.parallel.overlap_grad_reduce, pp_rank=0, chunk_index=0)
+
+
 def build_manifest(
     cfg: RunConfig,
     layout: Layout,
@@ -199,6 +211,7 @@ def build_manifest(
             "type": "adamw",
             "distributed": cfg.optim.use_distributed_optimizer,
             "sharding": optimizer_sharding(cfg),
+            "ddp_bucket_size": ddp_bucket_size(cfg, layout),
         },
         "versions": versions(),
         "files": files,

@@ -177,6 +177,7 @@ def _check_optimizer_sharding(
     fixed = [k for k in DP_RESHARDABLE_FIXED if cfg.model.is_moe or k not in ("ep", "etp")]
     changed = [k for k in fixed if (saved.get(k) or 1) != (now.get(k) or 1)]
     if not changed:
+        _check_buckets(directory, manifest, cfg, layout)
         return
 
     def value(v) -> str:
@@ -197,6 +198,45 @@ def _check_optimizer_sharding(
         f"ranks only, but this run changes {what}. Resume with {keep}; or {weights}; or resume "
         "on the saved layout with checkpoint.optimizer_sharding=fully_reshardable, whose next "
         "save any layout can resume"
+    )
+
+
+def _check_buckets(directory: Path, manifest: dict, cfg: RunConfig, layout: Layout) -> None:
+    """Refuse a ``dp_reshardable`` resume whose gradient buckets would differ from the save's:
+    megatron-core stores that state per bucket and asserts at load that each holds what it held.
+    The buckets are the same when the bucket size is (``manifest.ddp_bucket_size``), or when
+    every buffer is one bucket either way: a rank's buffer holds at most the model's
+    parameters, and a bucket closes once it reaches the bucket size. A manifest without the
+    field (older saves) is left to the load, which names the cause if it fails."""
+    from megatron_llmjp.checkpoint.manifest import ddp_bucket_size
+    from megatron_llmjp.models.params import count_parameters
+
+    opt = manifest.get("optimizer", {})
+    if "ddp_bucket_size" not in opt:
+        return
+    before, after = opt["ddp_bucket_size"], ddp_bucket_size(cfg, layout)
+    if before == after:
+        return
+    sizes = [x for x in (before, after) if x is not None]
+    params = count_parameters(cfg.model, cfg.model.vocab_size).total
+    if params < min(sizes):
+        return
+
+    def text(size: int | None) -> str:
+        return "one bucket per buffer" if size is None else f"{size:,} elements"
+
+    saved_dp = manifest["parallel"].get("dp")
+    raise CheckpointError(
+        f"{directory}: its distributed-optimizer state is in the dp_reshardable form, stored "
+        "per gradient bucket of megatron-core's DDP, and this run's buckets differ: bucket size "
+        f"{text(before)} at save, {text(after)} now (parallel.overlap_grad_reduce="
+        f"{str(cfg.parallel.overlap_grad_reduce).lower()}, data-parallel size {saved_dp} -> "
+        f"{layout.dp}; megatron-core uses max(4e7, 1e6 * dp) with overlap_grad_reduce, one "
+        f"bucket without) for a model of {params:,} parameters. Resume with the saved "
+        "parallel.overlap_grad_reduce and a data-parallel size that gives the same bucket size; "
+        "or resume on the saved layout with checkpoint.optimizer_sharding=fully_reshardable, "
+        "whose next save any layout can resume; or set checkpoint.load_optimizer=false to start "
+        "from its weights at iteration 0"
     )
 
 

@@ -307,7 +307,8 @@ class CheckpointConfig:
     and etp must be those of the save; otherwise resume with ``load_optimizer=false``), and
     only while megatron-core's gradient buckets stay the same (for a model larger than one
     bucket: the same ``parallel.overlap_grad_reduce``, and with it on, no data-parallel size
-    above 40 on either side, as the bucket size is max(4e7, 1e6 * dp) elements).
+    above 40 on either side, as the bucket size is max(4e7, 1e6 * dp) elements). Both are
+    checked at start-up, before any process group, from the checkpoint's manifest.
     ``fully_reshardable`` (Megatron-LM's ``--dist-ckpt-optim-fully-reshardable``): the state
     is gathered onto data-parallel rank 0 inside every save call (training waits for it, also
     with ``async_save``) and stored per parameter, so any layout may resume it. A resume reads

@@ -29,7 +29,14 @@ MOE = "llm-jp-4-tiny-moe"
 
 
 def _cfg(model: str, *overrides: str):
-    return build_config(overrides=[f"model.name={model}", "data.synthetic=true", *overrides])
+    return build_config(
+        overrides=[
+            f"model.name={model}",
+            "data.synthetic=true",
+            "train.global_batch_size=1024",  # divisible by every data-parallel size here
+            *overrides,
+        ]
+    )
 
 
 def _layout(cfg, world: int):
@@ -171,3 +178,62 @@ def test_unknown_form_is_refused(tmp_path):
 def test_unknown_config_value_names_the_key():
     with pytest.raises(ConfigError, match="checkpoint.optimizer_sharding"):
         _cfg(DENSE, "checkpoint.optimizer_sharding=bucket")
+
+
+BIG = "llm-jp-4-8b"  # 8.59 B parameters: many 4e7-element buckets per buffer
+
+
+@pytest.mark.parametrize(
+    "save,load,sizes",
+    [
+        # overlapped reduction: megatron-core's bucket is max(4e7, 1e6 * dp) elements
+        ((128, ["parallel.overlap_grad_reduce=true"]),
+         (64, ["parallel.overlap_grad_reduce=true"]), "128,000,000 elements at save, 64,000,000"),
+        # overlap off: one bucket per buffer
+        ((8, []), (8, ["parallel.overlap_grad_reduce=true"]),
+         "one bucket per buffer at save, 40,000,000 elements now"),
+    ],
+    ids=["dp-above-40", "overlap-toggled"],
+)  # fmt: skip
+def test_dp_reshardable_state_refuses_other_gradient_buckets(save, load, sizes, tmp_path):
+    """Refused before any process group, naming both bucket sizes (from the manifest's
+    optimizer.ddp_bucket_size); megatron-core would fail at load (its bucket assertion)."""
+    root = saved(tmp_path / "ckpt", BIG, save[0], *save[1])
+    with pytest.raises(CheckpointError, match="buckets differ") as e:
+        plan(root, BIG, load[0], *load[1])
+    assert sizes in str(e.value)
+    assert "checkpoint.optimizer_sharding=fully_reshardable" in str(e.value)
+    assert not torch.distributed.is_initialized()
+
+
+def test_same_gradient_buckets_resume(tmp_path):
+    """dp 32 -> 16 keeps max(4e7, 1e6 * dp) at 4e7; a model smaller than one bucket (the tiny
+    one, 25 M parameters) has one bucket per buffer either way, so overlap may change."""
+    over = "parallel.overlap_grad_reduce=true"
+    assert plan(saved(tmp_path / "a", BIG, 32, over), BIG, 16, over).full
+    assert plan(saved(tmp_path / "b", DENSE, 2), DENSE, 2, over).full
+    # A manifest from before the field leaves the check to the load.
+    root = saved(tmp_path / "c", BIG, 128, over)
+    manifest_path = root / store.iter_name(3) / "manifest.json"
+    import json
+
+    m = json.loads(manifest_path.read_text())
+    del m["optimizer"]["ddp_bucket_size"]
+    manifest_path.write_text(json.dumps(m))
+    assert plan(root, BIG, 64, over).full
+
+
+def test_manifest_bucket_size_is_megatron_cores_formula(tmp_path):
+    """max(4e7, 1e6 * dp) with overlap (dp without context parallelism), None without."""
+    for world, overrides, want in (
+        (8, [], None),
+        (8, ["parallel.overlap_grad_reduce=true"], 40_000_000),
+        (128, ["parallel.overlap_grad_reduce=true"], 128_000_000),
+        (128, ["parallel.overlap_grad_reduce=true", "parallel.tp=4"], 40_000_000),
+    ):
+        cfg = _cfg(BIG, *overrides)
+        m = build_manifest(
+            cfg, _layout(cfg, world), {"iteration": 3}, {}, optimizer_saved=True,
+            experts_layout="",
+        )  # fmt: skip
+        assert m["optimizer"]["ddp_bucket_size"] == want, (world, overrides)
