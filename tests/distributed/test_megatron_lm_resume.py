@@ -126,6 +126,8 @@ def test_full_resume_restores_megatron_lm_optimizer_state(
             mlm,
             *change,
             "train.iters=3",
+            # Global optimizer keys, as Megatron-LM's checkpoint stores them, to compare with.
+            "checkpoint.optimizer_sharding=fully_reshardable",
             f"checkpoint.dir={ckpt}",
             f"output_dir={tmp_path}/a",
             name=name,

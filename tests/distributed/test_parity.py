@@ -122,6 +122,9 @@ BASE = [
     "logging.tensorboard=false",
     "model.moe_aux_loss_coeff=0",
     "model.moe_z_loss_coeff=0",
+    # The comparison reads the global optimizer state; the default dp_reshardable form stores
+    # per-DP-group buffer shards whose names depend on the layout.
+    "checkpoint.optimizer_sharding=fully_reshardable",
 ]
 FP8 = [
     "precision.dtype=bf16",

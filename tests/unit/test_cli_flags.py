@@ -24,7 +24,7 @@ MEGATRON_LM = {
     "--add-bias-linear", "--add-qkv-bias", "--apply-layernorm-1p",
     "--apply-residual-connection-post-layernorm", "--ckpt-convert-format",
     "--ckpt-assume-constant-structure", "--ckpt-convert-save", "--ckpt-format",
-    "--disable-bias-linear", "--manual-gc",
+    "--disable-bias-linear", "--dist-ckpt-optim-fully-reshardable", "--manual-gc",
     "--heterogeneous-layers-config-path", "--hybrid-override-pattern", "--load",
     "--lr-decay-iters", "--lr-warmup-init", "--lr-warmup-iters", "--lr-wsd-decay-iters",
     "--moe-aux-loss-coeff", "--moe-layer-freq", "--moe-router-dtype",

@@ -25,7 +25,9 @@ def test_config_imports_nothing_above_it():
         "import megatron_llmjp.config.presets, megatron_llmjp.config.loader\n"
         "import megatron_llmjp.config.validate\n"
         "megatron_llmjp.config.loader.build_config(overrides=['data.synthetic=true'])\n"
-        f"megatron_llmjp.config.loader.build_config(overrides=['data.mixture={MIXTURE}', 'data.stage=pretrain'])\n"
+        "megatron_llmjp.config.loader.build_config(\n"
+        f"    overrides=['data.mixture={MIXTURE}', 'data.stage=pretrain']\n"
+        ")\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('megatron_llmjp'))))\n"
     )
     out = subprocess.run(
