@@ -442,3 +442,20 @@ def test_cli_refuses_legacy_rope_scaling_before_writing(command, tmp_path, capsy
     err = capsys.readouterr().err
     assert "rope_scaling=" in err and "'linear'" in err, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_import_driver_restores_the_garbage_collector(enabled):
+    """``llmjp-convert`` imports the driver with the collector off and leaves it as it was."""
+    import gc
+
+    from megatron_llmjp.cli.convert import import_driver
+    from megatron_llmjp.convert import driver
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        assert import_driver() is driver
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

@@ -15,8 +15,8 @@ nothing converted), and prints every run, the medians, the ratios to the copy of
 round (goal: at most 1.5x the copy time, peak RSS under 25% of the checkpoint size), the same
 ratios with that round's start-up taken off (the part that grows with the model), and the
 machine it ran on (cores, load average before and after, free memory, file system).
-``--hidden 4096 --ffn 14336 --layers 8`` is the real 8B width (3.35 B parameters, 6.7 GB). Parity is skipped for the
-timing (it loads both models; ``--parity`` times it separately, once).
+``--hidden 4096 --ffn 14336 --layers 8`` is the real 8B width (3.35 B parameters, 6.7 GB).
+Parity is skipped for the timing (``--parity`` times it separately, once).
 
     .venv/bin/python tools/bench/convert.py [--runs 3] [--layers 4] [--hidden 2048] [--dtype bf16]
 """
@@ -40,8 +40,8 @@ from megatron_llmjp.convert.driver import _groups, _hf_shapes  # noqa: E402
 from megatron_llmjp.convert.safetensors_io import Entry, ShardedWriter  # noqa: E402
 
 # What every conversion pays before its first byte: the interpreter, torch, the driver and
-# torch's distributed-checkpoint package (imported when the checkpoint side is opened).
-STARTUP = "import megatron_llmjp.convert.driver, torch.distributed.checkpoint"
+# torch's distributed-checkpoint package, imported as ``llmjp-convert`` imports them.
+STARTUP = "from megatron_llmjp.cli.convert import import_driver; import_driver()"
 
 
 def _model(args) -> dict:
