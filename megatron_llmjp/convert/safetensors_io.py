@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_llmjp.checkpoint.tensors import preallocate, start_writeback
+from megatron_llmjp.checkpoint.tensors import populate_read, preallocate, start_writeback
 from megatron_llmjp.convert.transforms import ConversionError
 
 INDEX = "model.safetensors.index.json"
@@ -196,7 +196,8 @@ class HFReader:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor ``name`` (or its ``rows=(start, stop)``) as a private memory map of its bytes
         in the shard: no copy, and no fresh memory to fault in, until something writes to it
-        (copy-on-write; the file never changes). The pages are those of the page cache and
+        (copy-on-write; the file never changes). Its pages are mapped at once
+        (``populate_read``). The pages are those of the page cache and
         count towards this process's resident memory only while the tensor lives: the map is
         released with it. Raises ``ConversionError`` for a truncated shard."""
         e = self.entry(name)
@@ -225,7 +226,9 @@ class HFReader:
         except (OSError, ValueError) as err:  # past the end of the file
             raise ConversionError(f"{path}: truncated while reading {name} ({err})") from err
         count = (end - start) // torch.empty((), dtype=e.dtype).element_size()
-        return torch.frombuffer(view, dtype=e.dtype, count=count, offset=first - base).view(shape)
+        tensor = torch.frombuffer(view, dtype=e.dtype, count=count, offset=first - base)
+        populate_read(tensor)  # the caller reads every byte it asked for
+        return tensor.view(shape)
 
 
 def _read_header(path: Path) -> tuple[dict, int]:

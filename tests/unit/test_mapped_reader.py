@@ -127,3 +127,20 @@ def test_megatron_lm_checkpoints_map_to_what_torch_load_reads():
             assert torch.equal(got, want), (directory, info)
             records += 1
     assert records > 100
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's madvise")
+def test_populate_read_maps_the_pages_without_copying(tmp_path):
+    """``populate_read`` maps a record's pages at once (the kernel accepts the page-aligned
+    range: Linux >= 5.14), its values stay those torch reads, and the map stays private."""
+    _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    want = torch.empty(3, 11)
+    dcp.load({"fp32": want}, storage_reader=FileSystemReader(str(tmp_path)))
+    got = TensorReader(tmp_path).read("fp32")
+    assert got.data_ptr() % mmap.PAGESIZE != 0  # the record's bytes start inside a page
+    assert tensors.populate_read(got)
+    assert torch.equal(got, want)
+    got.add_(1.0)
+    del got
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
