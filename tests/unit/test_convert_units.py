@@ -459,3 +459,24 @@ def test_import_driver_restores_the_garbage_collector(enabled):
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+@pytest.mark.parametrize(
+    "flag,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), (None, None)]
+)
+def test_cli_dtype_reaches_the_driver(flag, dtype, monkeypatch, tmp_path):
+    """``--dtype`` names the torch dtype the export writes (none: the checkpoint's own)."""
+    from megatron_llmjp.cli.convert import main
+    from megatron_llmjp.convert import driver
+
+    seen = {}
+
+    def export(src, output, **kwargs):
+        seen.update(kwargs)
+        return driver.Report(output, 0, 0, 0.0)
+
+    monkeypatch.setattr(driver, "mcore_to_hf", export)
+    argv = ["mcore-to-hf", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    argv += ["--skip-parity", "--no-progress"] + (["--dtype", flag] if flag else [])
+    assert main(argv) == 0
+    assert seen["dtype"] is dtype
