@@ -13,10 +13,11 @@ memory holds only the slices of the current call: converters work layer by layer
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +328,21 @@ def preallocate(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
 
 
+@functools.cache
+def libc_function(name: str, *argtypes) -> Callable | None:
+    """The C library's function ``name`` with its ``ctypes`` argument types, or None where the
+    library or the function is missing (not Linux, not glibc). Looked up once per name."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
+
+
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing the dirty pages, do not wait
 
 
@@ -337,24 +353,14 @@ def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> bool:
     disk then works while the next tensors are read and converted, instead of receiving
     everything at the final flush. Returns False where the call is unavailable."""
     import ctypes
-    import ctypes.util
 
-    global _sync_file_range
-    if _sync_file_range is None:
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            _sync_file_range = fn
-        except (OSError, AttributeError):
-            _sync_file_range = False
-    if not _sync_file_range:
-        return False
-    return _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
+    fn = libc_function(
+        "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+    )
+    return fn is not None and fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
 
 
-_sync_file_range = None
 _MADV_POPULATE_READ = 22  # <linux/mman.h>, Linux 5.14
-_madvise = None
 
 
 def populate_read(tensor: torch.Tensor) -> bool:
@@ -368,23 +374,15 @@ def populate_read(tensor: torch.Tensor) -> bool:
     10.52 s. Call it on a tensor that is about to be read whole. Returns False where the call
     is unavailable or refused."""
     import ctypes
-    import ctypes.util
     import mmap
 
-    global _madvise
-    if _madvise is None:
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
+    fn = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     nbytes = tensor.numel() * tensor.element_size()
-    if not _madvise or nbytes == 0:
+    if fn is None or nbytes == 0:
         return False
     start = tensor.data_ptr()
     base = start - start % mmap.PAGESIZE
-    return _madvise(base, start - base + nbytes, _MADV_POPULATE_READ) == 0
+    return fn(base, start - base + nbytes, _MADV_POPULATE_READ) == 0
 
 
 def sync_tree(directory: str | Path, threads: int = 4) -> int:

@@ -21,7 +21,7 @@ import torch
 from megatron_llmjp.checkpoint import store
 from megatron_llmjp.checkpoint.manifest import describe_checkpoint, model_section
 from megatron_llmjp.checkpoint.megatron_lm import is_optimizer_key
-from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter, sync_tree
+from megatron_llmjp.checkpoint.tensors import TensorReader, TensorWriter, libc_function, sync_tree
 from megatron_llmjp.convert import hf_config, mappings
 from megatron_llmjp.convert.mappings import Rule
 from megatron_llmjp.convert.safetensors_io import Entry, HFReader, ShardedWriter
@@ -112,14 +112,10 @@ def bound_heap(threshold: int = 2**20) -> bool:
     serves every block of ``threshold`` bytes or more with its own mapping, returned on free.
     Returns False where the C library has no ``mallopt`` (not glibc): nothing changes."""
     import ctypes
-    import ctypes.util
 
     m_mmap_threshold = -3  # <malloc.h>
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    return mallopt is not None and bool(mallopt(m_mmap_threshold, int(threshold)))
 
 
 def _groups(rules: list[Rule], num_layers: int) -> list[tuple[str, list[Rule], int | None]]:

@@ -196,10 +196,10 @@ class HFReader:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor ``name`` (or its ``rows=(start, stop)``) as a private memory map of its bytes
         in the shard: no copy, and no fresh memory to fault in, until something writes to it
-        (copy-on-write; the file never changes). Its pages are mapped at once
-        (``populate_read``). The pages are those of the page cache and
-        count towards this process's resident memory only while the tensor lives: the map is
-        released with it. Raises ``ConversionError`` for a truncated shard."""
+        (copy-on-write; the file never changes). The pages are those of the page cache, mapped
+        at once (``populate_read``), and count towards this process's resident memory only
+        while the tensor lives: the map is released with it. Raises ``ConversionError`` for a
+        truncated shard."""
         e = self.entry(name)
         f = self.where[name]
         start, end = self._headers[f][name]["data_offsets"]
